@@ -1,0 +1,65 @@
+//! Replace a file so that a crash at any moment leaves either the old content or the new.
+//!
+//! The bytes go to a temporary sibling, which is fsynced, renamed over the final name, and then
+//! the directory is fsynced so the rename itself survives a power cut.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with_hook(path, bytes, || {})
+}
+
+/// Like [`write_atomic`], calling `before_rename` once the temporary file is durable. Tests use
+/// the hook to stop a process at the worst moment.
+pub fn write_atomic_with_hook(path: &Path, bytes: &[u8], before_rename: impl FnOnce()) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp"));
+    {
+        let mut file = File::create(&tmp).map_err(|e| Error::file("failed to create", &tmp, e))?;
+        file.write_all(bytes).map_err(|e| Error::file("failed to write", &tmp, e))?;
+        file.sync_all().map_err(|e| Error::file("failed to fsync", &tmp, e))?;
+    }
+    before_rename();
+    fs::rename(&tmp, path).map_err(|e| Error::file("failed to rename into place", path, e))?;
+    let dir_handle = File::open(dir).map_err(|e| Error::file("failed to open directory", dir, e))?;
+    dir_handle
+        .sync_all()
+        .map_err(|e| Error::file("failed to fsync directory", dir, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_content_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file.bin");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("file.bin")]);
+    }
+
+    #[test]
+    fn old_content_survives_until_the_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file.bin");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic_with_hook(&path, b"new", || {
+            assert_eq!(fs::read(&path).unwrap(), b"old");
+        })
+        .unwrap();
+    }
+}

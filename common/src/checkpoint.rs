@@ -1,0 +1,381 @@
+//! The training state and its checkpoint file.
+//!
+//! A checkpoint is a safetensors file holding everything a resumed run needs: both networks'
+//! parameters, their RMSProp mean squares, the generator's batch-norm running statistics, and
+//! in the metadata the step, the resolved job spec, each shard's sampler position, and a CRC32
+//! over every tensor so a torn or damaged file is noticed rather than trained on. Files are
+//! named `step-NNNNNNNN.safetensors` after the number of completed steps.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::atomic;
+use crate::layout::{self, NetLayout};
+use crate::sampler::SamplerState;
+use crate::spec::JobSpec;
+use crate::{Error, Result};
+
+/// Written in the metadata; a file without it is not a forger checkpoint.
+pub const FORMAT: &str = "forger-checkpoint-1";
+
+/// One network's parameters and optimizer state, as flat buffers in layout order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetState {
+    pub params: Vec<f32>,
+    pub mean_square: Vec<f32>,
+}
+
+/// All that the coordinator owns between steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingState {
+    /// Steps completed.
+    pub step: u64,
+    pub discriminator: NetState,
+    pub generator: NetState,
+    /// Batch-norm running statistics: per layer, its means then its variances.
+    pub batch_norm: Vec<f32>,
+    /// Where each rank's shard sampler stands.
+    pub samplers: Vec<SamplerState>,
+    /// Images in the dataset the shards were cut from.
+    pub dataset_len: usize,
+}
+
+/// A checkpoint as read back: the spec it was written under and the state.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub spec: JobSpec,
+    pub state: TrainingState,
+}
+
+/// `step-00001234.safetensors`.
+pub fn file_name(step: u64) -> String {
+    format!("step-{step:08}.safetensors")
+}
+
+/// The step a checkpoint file name stands for.
+pub fn step_of(file_name: &str) -> Option<u64> {
+    file_name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()
+}
+
+/// Checkpoint files in `dir`, oldest first. A missing folder has none.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::file("failed to list checkpoints in", dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::file("failed to list checkpoints in", dir, e))?;
+        if let Some(step) = step_of(&entry.file_name().to_string_lossy()) {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Which of the `existing` checkpoint steps to delete so that the newest `keep` remain.
+pub fn checkpoints_to_delete(existing: &[u64], keep: usize) -> Vec<u64> {
+    let mut steps = existing.to_vec();
+    steps.sort_unstable();
+    steps.dedup();
+    let excess = steps.len().saturating_sub(keep);
+    steps.truncate(excess);
+    steps
+}
+
+struct Named<'a> {
+    name: String,
+    shape: Vec<usize>,
+    values: &'a [f32],
+}
+
+fn tensors<'a>(spec: &JobSpec, state: &'a TrainingState) -> Vec<Named<'a>> {
+    let image_size = spec.data.image_size as usize;
+    let mut out = Vec::new();
+    let mut push_net = |prefix: &str, layout: &NetLayout, values: &'a [f32]| {
+        for (param, range) in layout.ranges() {
+            out.push(Named {
+                name: format!("{prefix}.{}", param.name),
+                shape: param.shape.clone(),
+                values: &values[range],
+            });
+        }
+    };
+    let d_layout = layout::discriminator_layout(&spec.model, image_size);
+    let g_layout = layout::generator_layout(&spec.model);
+    push_net("discriminator", &d_layout, &state.discriminator.params);
+    push_net("generator", &g_layout, &state.generator.params);
+    push_net("rmsprop.discriminator", &d_layout, &state.discriminator.mean_square);
+    push_net("rmsprop.generator", &g_layout, &state.generator.mean_square);
+    let mut offset = 0;
+    for layer in layout::generator_batch_norms(&spec.model) {
+        for stat in ["running_mean", "running_var"] {
+            out.push(Named {
+                name: format!("batch_norm.{}.{stat}", layer.name),
+                shape: vec![layer.channels],
+                values: &state.batch_norm[offset..offset + layer.channels],
+            });
+            offset += layer.channels;
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn crc_of<'a>(parts: impl Iterator<Item = &'a [u8]>) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize()
+}
+
+/// Serialises the state to safetensors bytes.
+pub fn encode(spec: &JobSpec, state: &TrainingState) -> Vec<u8> {
+    let named = tensors(spec, state);
+    let bytes: Vec<Vec<u8>> = named
+        .iter()
+        .map(|t| {
+            let mut b = Vec::with_capacity(t.values.len() * 4);
+            crate::wire::f32_to_le_bytes(t.values, &mut b);
+            b
+        })
+        .collect();
+    let crc = crc_of(bytes.iter().map(Vec::as_slice));
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), FORMAT.to_string());
+    metadata.insert("step".to_string(), state.step.to_string());
+    metadata.insert("spec".to_string(), spec.to_toml());
+    metadata.insert(
+        "samplers".to_string(),
+        serde_json::to_string(&state.samplers).expect("sampler states serialise"),
+    );
+    metadata.insert("dataset_len".to_string(), state.dataset_len.to_string());
+    metadata.insert("crc32".to_string(), crc.to_string());
+    let views: Vec<(String, TensorView<'_>)> = named
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), b).expect("shape matches byte length");
+            (t.name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize(views, Some(metadata)).expect("in-memory safetensors serialisation")
+}
+
+/// Writes a checkpoint atomically.
+pub fn save(path: &Path, spec: &JobSpec, state: &TrainingState) -> Result<()> {
+    atomic::write_atomic(path, &encode(spec, state))
+}
+
+/// Reads and verifies a checkpoint: format, checksum, and every tensor's shape against the
+/// layout of the spec stored in it.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).map_err(|e| Error::file("failed to read checkpoint", path, e))?;
+    decode(&bytes, path)
+}
+
+/// Decodes checkpoint bytes; `path` names them in errors.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
+    let bad = |message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let meta = header
+        .metadata()
+        .clone()
+        .ok_or_else(|| bad("no metadata: not written by forger".into()))?;
+    let get = |key: &str| meta.get(key).ok_or_else(|| bad(format!("metadata lacks `{key}`")));
+    if get("format")? != FORMAT {
+        return Err(bad(format!("format `{}` is not `{FORMAT}`", get("format")?)));
+    }
+    let spec = JobSpec::parse(get("spec")?, &format!("stored in {}", path.display()))?;
+    let step: u64 = get("step")?.parse().map_err(|_| bad("`step` is not a number".into()))?;
+    let dataset_len: usize = get("dataset_len")?
+        .parse()
+        .map_err(|_| bad("`dataset_len` is not a number".into()))?;
+    let samplers: Vec<SamplerState> =
+        serde_json::from_str(get("samplers")?).map_err(|e| bad(format!("`samplers` is malformed: {e}")))?;
+    let expected_crc: u32 = get("crc32")?.parse().map_err(|_| bad("`crc32` is not a number".into()))?;
+    let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("damaged tensor data ({e})")))?;
+
+    // Build an empty state of the right sizes, then fill each tensor through the same listing
+    // the writer used, so names, order and shapes are checked in one place.
+    let image_size = spec.data.image_size as usize;
+    let d_len = layout::discriminator_layout(&spec.model, image_size).numel();
+    let g_len = layout::generator_layout(&spec.model).numel();
+    let mut state = TrainingState {
+        step,
+        discriminator: NetState {
+            params: vec![0.0; d_len],
+            mean_square: vec![0.0; d_len],
+        },
+        generator: NetState {
+            params: vec![0.0; g_len],
+            mean_square: vec![0.0; g_len],
+        },
+        batch_norm: vec![0.0; layout::batch_norm_stats_len(&spec.model)],
+        samplers,
+        dataset_len,
+    };
+    let mut hasher = crc32fast::Hasher::new();
+    let mut filled = Vec::new();
+    for expected in tensors(&spec, &state) {
+        let view = file
+            .tensor(&expected.name)
+            .map_err(|_| bad(format!("tensor `{}` is missing", expected.name)))?;
+        if view.dtype() != Dtype::F32 || view.shape() != expected.shape.as_slice() {
+            return Err(bad(format!(
+                "tensor `{}` is {:?} {:?}, expected F32 {:?}",
+                expected.name,
+                view.dtype(),
+                view.shape(),
+                expected.shape
+            )));
+        }
+        hasher.update(view.data());
+        let mut values = vec![0f32; expected.values.len()];
+        crate::wire::le_bytes_to_f32(view.data(), &mut values);
+        filled.push((expected.name, values));
+    }
+    if hasher.finalize() != expected_crc {
+        return Err(bad("checksum mismatch: the file is damaged".into()));
+    }
+    if file.len() != filled.len() {
+        return Err(bad(format!("holds {} tensors, expected {}", file.len(), filled.len())));
+    }
+    let by_name: HashMap<String, Vec<f32>> = filled.into_iter().collect();
+    fill(&spec, &mut state, &by_name);
+    Ok(Checkpoint { spec, state })
+}
+
+fn fill(spec: &JobSpec, state: &mut TrainingState, by_name: &HashMap<String, Vec<f32>>) {
+    let image_size = spec.data.image_size as usize;
+    let copy_net = |prefix: &str, layout: &NetLayout, dst: &mut [f32]| {
+        for (param, range) in layout.ranges() {
+            dst[range].copy_from_slice(&by_name[&format!("{prefix}.{}", param.name)]);
+        }
+    };
+    let d_layout = layout::discriminator_layout(&spec.model, image_size);
+    let g_layout = layout::generator_layout(&spec.model);
+    copy_net("discriminator", &d_layout, &mut state.discriminator.params);
+    copy_net("generator", &g_layout, &mut state.generator.params);
+    copy_net("rmsprop.discriminator", &d_layout, &mut state.discriminator.mean_square);
+    copy_net("rmsprop.generator", &g_layout, &mut state.generator.mean_square);
+    let mut offset = 0;
+    for layer in layout::generator_batch_norms(&spec.model) {
+        for stat in ["running_mean", "running_var"] {
+            let values = &by_name[&format!("batch_norm.{}.{stat}", layer.name)];
+            state.batch_norm[offset..offset + layer.channels].copy_from_slice(values);
+            offset += layer.channels;
+        }
+    }
+}
+
+/// The newest checkpoint in `dir` that loads, with a warning for each newer one that did not.
+/// Returns the problems of the skipped files alongside.
+pub fn load_newest(dir: &Path) -> Result<(Option<(PathBuf, Checkpoint)>, Vec<Error>)> {
+    let mut skipped = Vec::new();
+    for (_, path) in list(dir)?.into_iter().rev() {
+        match load(&path) {
+            Ok(checkpoint) => return Ok((Some((path, checkpoint)), skipped)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping unreadable checkpoint");
+                skipped.push(e);
+            }
+        }
+    }
+    Ok((None, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::initial_parameters;
+    use crate::rmsprop::initial_mean_square;
+
+    fn small_spec() -> JobSpec {
+        JobSpec::parse(
+            "version = 1\n[data]\npath = \"x\"\n[model]\nd_filters = [4, 3, 2]\ng_filters = [5, 4, 3]\n",
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn state(spec: &JobSpec) -> TrainingState {
+        let d = layout::discriminator_layout(&spec.model, 40);
+        let g = layout::generator_layout(&spec.model);
+        TrainingState {
+            step: 42,
+            discriminator: NetState {
+                params: initial_parameters(&d, 1),
+                mean_square: initial_mean_square(d.numel()),
+            },
+            generator: NetState {
+                params: initial_parameters(&g, 2),
+                mean_square: (0..g.numel()).map(|i| i as f32).collect(),
+            },
+            batch_norm: (0..layout::batch_norm_stats_len(&spec.model)).map(|i| i as f32 * 0.5).collect(),
+            samplers: vec![SamplerState { epoch: 3, cursor: 7 }, SamplerState { epoch: 2, cursor: 1 }],
+            dataset_len: 100,
+        }
+    }
+
+    #[test]
+    fn round_trips_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = small_spec();
+        let state = state(&spec);
+        let path = dir.path().join(file_name(42));
+        save(&path, &spec, &state).unwrap();
+        let back = load(&path).unwrap();
+        assert_eq!(back.state, state);
+        assert_eq!(back.spec, spec);
+    }
+
+    #[test]
+    fn a_flipped_byte_is_detected() {
+        let spec = small_spec();
+        let mut bytes = encode(&spec, &state(&spec));
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x40;
+        let err = decode(&bytes, Path::new("x.safetensors")).unwrap_err();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_file_is_detected() {
+        let spec = small_spec();
+        let bytes = encode(&spec, &state(&spec));
+        let err = decode(&bytes[..bytes.len() / 2], Path::new("x.safetensors")).unwrap_err();
+        assert!(err.to_string().contains("x.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn newest_loadable_checkpoint_wins_over_a_damaged_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = small_spec();
+        let mut st = state(&spec);
+        save(&dir.path().join(file_name(10)), &spec, &st).unwrap();
+        st.step = 20;
+        std::fs::write(dir.path().join(file_name(20)), b"torn").unwrap();
+        let (found, skipped) = load_newest(dir.path()).unwrap();
+        let (path, checkpoint) = found.unwrap();
+        assert!(path.ends_with(file_name(10)));
+        assert_eq!(checkpoint.state.step, 42);
+        assert_eq!(skipped.len(), 1);
+    }
+
+    #[test]
+    fn names_parse_and_old_checkpoints_are_pruned() {
+        assert_eq!(step_of(&file_name(1234)), Some(1234));
+        assert_eq!(step_of("step-12.tmp"), None);
+        assert_eq!(checkpoints_to_delete(&[30, 10, 20, 40], 2), vec![10, 20]);
+        assert_eq!(checkpoints_to_delete(&[10], 3), Vec::<u64>::new());
+    }
+}

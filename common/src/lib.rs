@@ -1,0 +1,29 @@
+//! What every forger process agrees on.
+//!
+//! - [`spec`]: the job spec (TOML), its defaults and its validation.
+//! - [`layout`]: the flat, name-sorted order of every network's parameters and batch-norm
+//!   statistics, which the coordinator and the workers check against each other.
+//! - [`init`]: Glorot-uniform initialisation of a flat parameter buffer from a seed.
+//! - [`rmsprop`]: TF1's RMSProp update and batch-norm running averages on flat buffers.
+//! - [`balance`]: the article's loss-balancing rule.
+//! - [`sampler`]: sharding the dataset and drawing each step's batches.
+//! - [`seeds`]: the per-step seeds for noise and dropout.
+//! - [`checkpoint`]: the training state and its atomic, checksummed safetensors file.
+//! - [`atomic`]: crash-safe file replacement.
+//! - [`grid`]: sample images tiled into one PNG.
+//! - [`wire`]: f32 buffers to and from little-endian bytes.
+
+pub mod atomic;
+pub mod balance;
+pub mod checkpoint;
+mod error;
+pub mod grid;
+pub mod init;
+pub mod layout;
+pub mod rmsprop;
+pub mod sampler;
+pub mod seeds;
+pub mod spec;
+pub mod wire;
+
+pub use error::{Error, Result};

@@ -1,0 +1,136 @@
+//! Sharding the dataset among workers and choosing each step's batch.
+//!
+//! The coordinator owns both decisions: it tells every worker, in each step's Evaluate
+//! message, which images of its shard to use. The position in each shard is therefore part of
+//! the coordinator's checkpoint, and a resumed run draws exactly the batches it would have.
+
+use serde::{Deserialize, Serialize};
+
+use crate::seeds::{self, Stream};
+
+/// Splits `0..n_items` into `workers` shards of near-equal size (they differ by at most one)
+/// after a seeded shuffle, so that each shard is a fair sample of the whole folder.
+pub fn assign_shards(n_items: usize, workers: usize, seed: u64) -> Vec<Vec<u32>> {
+    assert!(workers >= 1, "at least one worker");
+    let mut all: Vec<u32> = (0..n_items as u32).collect();
+    shuffle(&mut all, seeds::derive(seed, Stream::Shards, &[n_items as u64, workers as u64]));
+    let base = n_items / workers;
+    let extra = n_items % workers;
+    let mut shards = Vec::with_capacity(workers);
+    let mut start = 0;
+    for rank in 0..workers {
+        let len = base + usize::from(rank < extra);
+        shards.push(all[start..start + len].to_vec());
+        start += len;
+    }
+    shards
+}
+
+/// Fisher-Yates with the portable generator.
+fn shuffle(items: &mut [u32], seed: u64) {
+    let mut rng = seeds::rng(seed);
+    for i in (1..items.len()).rev() {
+        let j = (rand_chacha::rand_core::Rng::next_u64(&mut rng) % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// Where a shard's sampler stands: which pass over the shard, and how far into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SamplerState {
+    pub epoch: u64,
+    pub cursor: usize,
+}
+
+/// Draws batches from one shard, reshuffling it at the start of every epoch.
+#[derive(Debug, Clone)]
+pub struct BatchSampler {
+    seed: u64,
+    rank: u32,
+    shard: Vec<u32>,
+    order: Vec<u32>,
+    state: SamplerState,
+}
+
+impl BatchSampler {
+    pub fn new(seed: u64, rank: u32, shard: Vec<u32>, state: SamplerState) -> Self {
+        let mut sampler = BatchSampler {
+            seed,
+            rank,
+            order: Vec::new(),
+            shard,
+            state,
+        };
+        sampler.reshuffle();
+        sampler
+    }
+
+    fn reshuffle(&mut self) {
+        self.order.clone_from(&self.shard);
+        let seed = seeds::derive(self.seed, Stream::Epoch, &[u64::from(self.rank), self.state.epoch]);
+        shuffle(&mut self.order, seed);
+    }
+
+    pub fn state(&self) -> SamplerState {
+        self.state
+    }
+
+    /// The next `batch` dataset indices, continuing into the next epoch when this one runs out.
+    pub fn next_batch(&mut self, batch: usize) -> Vec<u32> {
+        assert!(!self.shard.is_empty(), "sampling from an empty shard");
+        let mut out = Vec::with_capacity(batch);
+        while out.len() < batch {
+            if self.state.cursor >= self.order.len() {
+                self.state.epoch += 1;
+                self.state.cursor = 0;
+                self.reshuffle();
+            }
+            let take = (batch - out.len()).min(self.order.len() - self.state.cursor);
+            out.extend_from_slice(&self.order[self.state.cursor..self.state.cursor + take]);
+            self.state.cursor += take;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn shards_partition_the_dataset() {
+        let shards = assign_shards(103, 4, 9);
+        assert_eq!(shards.iter().map(Vec::len).collect::<Vec<_>>(), vec![26, 26, 26, 25]);
+        let all: HashSet<u32> = shards.iter().flatten().copied().collect();
+        assert_eq!(all.len(), 103);
+        assert_eq!(shards, assign_shards(103, 4, 9));
+        assert_ne!(shards, assign_shards(103, 4, 10));
+    }
+
+    #[test]
+    fn an_epoch_visits_every_image_once() {
+        let shard: Vec<u32> = (100..110).collect();
+        let mut sampler = BatchSampler::new(1, 0, shard.clone(), SamplerState::default());
+        let mut seen: Vec<u32> = (0..5).flat_map(|_| sampler.next_batch(2)).collect();
+        seen.sort();
+        assert_eq!(seen, shard);
+        assert_eq!(sampler.state(), SamplerState { epoch: 0, cursor: 10 });
+        // The next batch starts epoch 1 with a new order.
+        sampler.next_batch(3);
+        assert_eq!(sampler.state(), SamplerState { epoch: 1, cursor: 3 });
+    }
+
+    #[test]
+    fn resuming_from_a_state_draws_the_same_batches() {
+        let shard: Vec<u32> = (0..37).collect();
+        let mut straight = BatchSampler::new(4, 1, shard.clone(), SamplerState::default());
+        for _ in 0..7 {
+            straight.next_batch(16);
+        }
+        let mut resumed = BatchSampler::new(4, 1, shard, straight.state());
+        for _ in 0..5 {
+            assert_eq!(straight.next_batch(16), resumed.next_batch(16));
+        }
+    }
+}

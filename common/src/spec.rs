@@ -1,0 +1,436 @@
+//! The job spec: one TOML file with a `version`, every table closed to unknown keys.
+//!
+//! Defaults are the article's values (see `examples/faces.toml`); `validate` reports every
+//! out-of-range value with its dotted field name instead of stopping at the first.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The only spec version this build reads.
+pub const SPEC_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub version: u32,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Folder of images. A relative path is taken from the spec file's folder.
+    pub path: PathBuf,
+    /// Side of the square training images, in pixels.
+    #[serde(default = "default_image_size")]
+    pub image_size: u32,
+    /// Use only the first `limit` images (sorted by file name); 0 means all.
+    #[serde(default)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Length of the uniform [0, 1) noise vector.
+    #[serde(default = "default_noise_dim")]
+    pub noise_dim: u32,
+    /// Feature maps of the discriminator's three convolutions.
+    #[serde(default = "default_filters")]
+    pub d_filters: Vec<u32>,
+    /// Feature maps of the generator's first three transposed convolutions.
+    #[serde(default = "default_filters")]
+    pub g_filters: Vec<u32>,
+    /// Fraction of activations dropped in training (never when sampling).
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Total steps of the run; raise it and `--resume` to train longer.
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Images per worker per step.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_lr_d")]
+    pub lr_d: f64,
+    #[serde(default = "default_lr_g")]
+    pub lr_g: f64,
+    /// L2 weight decay on every trainable variable: the gradient gains `l2 * w`.
+    #[serde(default = "default_l2")]
+    pub l2: f64,
+    /// A network whose loss times `balance` is below the other's sits the step out.
+    #[serde(default = "default_balance")]
+    pub balance: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// RMSProp's decay of the mean square.
+    #[serde(default = "default_rmsprop_decay")]
+    pub rmsprop_decay: f64,
+    /// RMSProp's epsilon, added inside the square root as TF1 does.
+    #[serde(default = "default_rmsprop_epsilon")]
+    pub rmsprop_epsilon: f64,
+    /// Every this many steps each worker reports a checksum of its parameters; 0 turns it off.
+    #[serde(default = "default_check_params_every")]
+    pub check_params_every: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Workers the coordinator waits for before the first step.
+    #[serde(default = "default_workers")]
+    pub workers: u32,
+    /// How long the coordinator waits for the workers to join, in seconds.
+    #[serde(default = "default_join_timeout_secs")]
+    pub join_timeout_secs: u64,
+    /// How long one phase of one step may take on a worker before it counts as lost.
+    #[serde(default = "default_step_timeout_secs")]
+    pub step_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Write a checkpoint and a sample grid every this many steps (and after the last).
+    #[serde(default = "default_checkpoint_every")]
+    pub every: u64,
+    /// Checkpoints to keep; older ones are deleted.
+    #[serde(default = "default_checkpoint_keep")]
+    pub keep: usize,
+    /// Images in each sample grid, all from one fixed noise batch.
+    #[serde(default = "default_samples")]
+    pub samples: u32,
+}
+
+fn default_image_size() -> u32 {
+    40
+}
+fn default_noise_dim() -> u32 {
+    16
+}
+fn default_filters() -> Vec<u32> {
+    vec![256, 128, 64]
+}
+fn default_dropout() -> f64 {
+    0.6
+}
+fn default_steps() -> u64 {
+    60_000
+}
+fn default_batch_size() -> u32 {
+    16
+}
+fn default_lr_d() -> f64 {
+    1e-4
+}
+fn default_lr_g() -> f64 {
+    2e-4
+}
+fn default_l2() -> f64 {
+    1e-6
+}
+fn default_balance() -> f64 {
+    1.35
+}
+fn default_rmsprop_decay() -> f64 {
+    0.9
+}
+fn default_rmsprop_epsilon() -> f64 {
+    1e-10
+}
+fn default_check_params_every() -> u64 {
+    10
+}
+fn default_workers() -> u32 {
+    2
+}
+fn default_join_timeout_secs() -> u64 {
+    600
+}
+fn default_step_timeout_secs() -> u64 {
+    300
+}
+fn default_checkpoint_every() -> u64 {
+    500
+}
+fn default_checkpoint_keep() -> usize {
+    5
+}
+fn default_samples() -> u32 {
+    64
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec {
+            noise_dim: default_noise_dim(),
+            d_filters: default_filters(),
+            g_filters: default_filters(),
+            dropout: default_dropout(),
+        }
+    }
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        TrainSpec {
+            steps: default_steps(),
+            batch_size: default_batch_size(),
+            lr_d: default_lr_d(),
+            lr_g: default_lr_g(),
+            l2: default_l2(),
+            balance: default_balance(),
+            seed: 0,
+            rmsprop_decay: default_rmsprop_decay(),
+            rmsprop_epsilon: default_rmsprop_epsilon(),
+            check_params_every: default_check_params_every(),
+        }
+    }
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            workers: default_workers(),
+            join_timeout_secs: default_join_timeout_secs(),
+            step_timeout_secs: default_step_timeout_secs(),
+        }
+    }
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec {
+            every: default_checkpoint_every(),
+            keep: default_checkpoint_keep(),
+            samples: default_samples(),
+        }
+    }
+}
+
+/// One out-of-range value, named by its dotted field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecProblem {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for SpecProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl JobSpec {
+    /// Reads and validates a spec file; a relative `data.path` is resolved against the file's
+    /// folder so the spec works from any working directory.
+    pub fn load(path: &Path) -> Result<JobSpec> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file("failed to read job spec", path, e))?;
+        let mut spec = JobSpec::parse(&text, &path.display().to_string())?;
+        if spec.data.path.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            spec.data.path = base.join(&spec.data.path);
+        }
+        Ok(spec)
+    }
+
+    /// Parses and validates spec text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<JobSpec> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| Error::SpecSyntax {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let problems = spec.validate();
+        if problems.is_empty() {
+            Ok(spec)
+        } else {
+            Err(Error::SpecInvalid {
+                origin: origin.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// The spec as TOML, as saved beside checkpoints and sent to workers.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a JobSpec always serialises")
+    }
+
+    /// Every problem with the values, each naming its field.
+    pub fn validate(&self) -> Vec<SpecProblem> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, field: &'static str, message: String| {
+            if !ok {
+                problems.push(SpecProblem { field, message });
+            }
+        };
+        check(
+            self.version == SPEC_VERSION,
+            "version",
+            format!("expected {SPEC_VERSION}, found {}", self.version),
+        );
+        let size = self.data.image_size;
+        check(
+            size >= 8 && size % 4 == 0,
+            "data.image_size",
+            format!("expected a multiple of 4 of at least 8, found {size}"),
+        );
+        check(
+            self.model.noise_dim >= 1,
+            "model.noise_dim",
+            "expected at least 1, found 0".into(),
+        );
+        for (field, filters) in [("model.d_filters", &self.model.d_filters), ("model.g_filters", &self.model.g_filters)] {
+            check(
+                filters.len() == 3 && filters.iter().all(|&f| f >= 1),
+                field,
+                format!("expected three positive feature-map counts, found {filters:?}"),
+            );
+        }
+        let dropout = self.model.dropout;
+        check(
+            (0.0..1.0).contains(&dropout),
+            "model.dropout",
+            format!("expected a fraction in [0, 1), found {dropout}"),
+        );
+        let train = &self.train;
+        check(train.steps >= 1, "train.steps", "expected at least 1, found 0".into());
+        check(
+            train.batch_size >= 1,
+            "train.batch_size",
+            "expected at least 1, found 0".into(),
+        );
+        for (field, value) in [("train.lr_d", train.lr_d), ("train.lr_g", train.lr_g)] {
+            check(
+                value.is_finite() && value > 0.0,
+                field,
+                format!("expected a positive learning rate, found {value}"),
+            );
+        }
+        check(
+            train.l2.is_finite() && train.l2 >= 0.0,
+            "train.l2",
+            format!("expected zero or more, found {}", train.l2),
+        );
+        check(
+            train.balance.is_finite() && train.balance >= 1.0,
+            "train.balance",
+            format!("expected a ratio of at least 1, found {}", train.balance),
+        );
+        check(
+            train.rmsprop_decay > 0.0 && train.rmsprop_decay < 1.0,
+            "train.rmsprop_decay",
+            format!("expected a value in (0, 1), found {}", train.rmsprop_decay),
+        );
+        check(
+            train.rmsprop_epsilon.is_finite() && train.rmsprop_epsilon > 0.0,
+            "train.rmsprop_epsilon",
+            format!("expected a positive value, found {}", train.rmsprop_epsilon),
+        );
+        check(
+            self.cluster.workers >= 1,
+            "cluster.workers",
+            "expected at least 1, found 0".into(),
+        );
+        check(
+            self.cluster.join_timeout_secs >= 1,
+            "cluster.join_timeout_secs",
+            "expected at least 1, found 0".into(),
+        );
+        check(
+            self.cluster.step_timeout_secs >= 1,
+            "cluster.step_timeout_secs",
+            "expected at least 1, found 0".into(),
+        );
+        check(
+            self.checkpoint.every >= 1,
+            "checkpoint.every",
+            "expected at least 1, found 0".into(),
+        );
+        check(
+            self.checkpoint.keep >= 1,
+            "checkpoint.keep",
+            "expected at least 1, found 0".into(),
+        );
+        check(
+            (1..=1024).contains(&self.checkpoint.samples),
+            "checkpoint.samples",
+            format!("expected 1 to 1024, found {}", self.checkpoint.samples),
+        );
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "version = 1\n[data]\npath = \"faces\"\n";
+
+    #[test]
+    fn minimal_spec_takes_the_article_defaults() {
+        let spec = JobSpec::parse(MINIMAL, "test").unwrap();
+        assert_eq!(spec.model.d_filters, vec![256, 128, 64]);
+        assert_eq!(spec.model.noise_dim, 16);
+        assert_eq!(spec.train.batch_size, 16);
+        assert_eq!(spec.train.lr_d, 1e-4);
+        assert_eq!(spec.train.lr_g, 2e-4);
+        assert_eq!(spec.train.balance, 1.35);
+        assert_eq!(spec.data.image_size, 40);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = JobSpec::parse(&format!("{MINIMAL}[train]\nstepz = 3\n"), "test").unwrap_err();
+        assert!(err.to_string().contains("stepz"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_rejected_with_their_name() {
+        let err = JobSpec::parse(&format!("{MINIMAL}[train]\nsteps = \"many\"\n"), "test").unwrap_err();
+        assert!(err.to_string().contains("steps"), "{err}");
+    }
+
+    #[test]
+    fn every_range_problem_is_reported() {
+        let text = format!(
+            "{MINIMAL}[model]\ndropout = 1.5\nd_filters = [1, 2]\n[train]\nsteps = 0\nlr_g = -1.0\n[checkpoint]\nevery = 0\n"
+        );
+        let Err(Error::SpecInvalid { problems, .. }) = JobSpec::parse(&text, "test") else {
+            panic!("expected range problems");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            vec!["model.d_filters", "model.dropout", "train.steps", "train.lr_g", "checkpoint.every"]
+        );
+    }
+
+    #[test]
+    fn version_must_match() {
+        let err = JobSpec::parse("version = 2\n[data]\npath = \"x\"\n", "test").unwrap_err();
+        assert!(err.to_string().contains("version: expected 1, found 2"), "{err}");
+    }
+
+    #[test]
+    fn toml_round_trips() {
+        let spec = JobSpec::parse(MINIMAL, "test").unwrap();
+        assert_eq!(JobSpec::parse(&spec.to_toml(), "again").unwrap(), spec);
+    }
+}

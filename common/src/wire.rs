@@ -1,0 +1,59 @@
+//! f32 buffers travel as little-endian bytes.
+
+/// Appends `values` to `out` as little-endian bytes.
+pub fn f32_to_le_bytes(values: &[f32], out: &mut Vec<u8>) {
+    out.reserve(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Decodes little-endian bytes into `out`, which must hold exactly `bytes.len() / 4` values.
+/// Returns `false` when the lengths do not fit.
+pub fn le_bytes_to_f32(bytes: &[u8], out: &mut [f32]) -> bool {
+    if bytes.len() != out.len() * 4 {
+        return false;
+    }
+    for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
+    }
+    true
+}
+
+/// CRC32 of a buffer's little-endian bytes: the replica check compares these.
+pub fn crc32_of(buffers: &[&[f32]]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut scratch = Vec::with_capacity(1 << 16);
+    for buffer in buffers {
+        for chunk in buffer.chunks(1 << 14) {
+            scratch.clear();
+            f32_to_le_bytes(chunk, &mut scratch);
+            hasher.update(&scratch);
+        }
+    }
+    hasher.finalize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let values = [0.0f32, -1.5, f32::MAX, 1e-30];
+        let mut bytes = Vec::new();
+        f32_to_le_bytes(&values, &mut bytes);
+        let mut back = [0f32; 4];
+        assert!(le_bytes_to_f32(&bytes, &mut back));
+        assert_eq!(values, back);
+        assert!(!le_bytes_to_f32(&bytes[..15], &mut back));
+    }
+
+    #[test]
+    fn crc_depends_on_every_value() {
+        let a = crc32_of(&[&[1.0, 2.0], &[3.0]]);
+        let b = crc32_of(&[&[1.0, 2.0], &[3.0000002]]);
+        assert_ne!(a, b);
+        assert_eq!(a, crc32_of(&[&[1.0], &[2.0, 3.0]]));
+    }
+}
