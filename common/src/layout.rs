@@ -17,6 +17,10 @@ pub const SEED_SIDE: usize = 4;
 pub const SEED_CHANNELS: usize = 3;
 /// Colour channels of the images.
 pub const CHANNELS: usize = 3;
+/// The generator's batch-norm decay (TF1 `decay=0.9`: running-average momentum 0.1).
+pub const BATCH_NORM_DECAY: f32 = 0.9;
+/// TF1 contrib batch norm's epsilon.
+pub const BATCH_NORM_EPSILON: f64 = 1e-3;
 
 /// How a parameter starts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,6 +111,16 @@ pub fn generator_batch_norms(model: &ModelSpec) -> Vec<BatchNormLayer> {
 /// Length of the flat batch-norm statistics vector (means and variances of every layer).
 pub fn batch_norm_stats_len(model: &ModelSpec) -> usize {
     generator_batch_norms(model).iter().map(|l| 2 * l.channels).sum()
+}
+
+/// Running statistics before any training: means 0 and variances 1, as TF1 starts them.
+pub fn initial_batch_norm_running(model: &ModelSpec) -> Vec<f32> {
+    let mut stats = Vec::with_capacity(batch_norm_stats_len(model));
+    for layer in generator_batch_norms(model) {
+        stats.extend(std::iter::repeat_n(0.0, layer.channels));
+        stats.extend(std::iter::repeat_n(1.0, layer.channels));
+    }
+    stats
 }
 
 fn conv(name: &str, in_ch: usize, out_ch: usize) -> [ParamSpec; 2] {

@@ -71,6 +71,14 @@ impl BatchSampler {
         shuffle(&mut self.order, seed);
     }
 
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    pub fn shard(&self) -> &[u32] {
+        &self.shard
+    }
+
     pub fn state(&self) -> SamplerState {
         self.state
     }

@@ -1,5 +1,9 @@
 //! f32 buffers travel as little-endian bytes.
 
+/// f32 values per parameter or gradient chunk on the wire: 1 MiB of payload, well under
+/// gRPC's default 4 MiB message limit.
+pub const CHUNK_VALUES: usize = 1 << 18;
+
 /// Appends `values` to `out` as little-endian bytes.
 pub fn f32_to_le_bytes(values: &[f32], out: &mut Vec<u8>) {
     out.reserve(values.len() * 4);

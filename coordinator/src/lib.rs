@@ -1,0 +1,26 @@
+//! The forger coordinator: it reads the dataset and shards it, owns the master parameters
+//! and optimizer state as flat f32 buffers (no libtorch here), runs every step, all-reduces
+//! the workers' gradients, decides the loss balancing and writes the run directory.
+//!
+//! - [`serve`]: the entry point; takes a bound listener and a shutdown future.
+//! - `dataset`: the image folder into training bytes.
+//! - `registry`, `service`: Join, FetchShard and Session over gRPC.
+//! - `peers`: the trainer's handle on the worker sessions.
+//! - `trainer`: the step loop; `reduce`: chunk assembly and rank-order averaging.
+//! - `run_dir`: checkpoints, samples, metrics; `local`: `--local-workers`.
+
+pub mod dataset;
+mod error;
+pub mod local;
+mod peers;
+pub mod reduce;
+mod registry;
+pub mod run_dir;
+mod service;
+mod start;
+pub mod trainer;
+
+pub use error::{CoordinatorError, Result};
+pub use local::LocalWorkers;
+pub use start::{ServeConfig, serve};
+pub use trainer::RunSummary;

@@ -1,0 +1,138 @@
+//! Test harness for forger's cluster tests: where the binaries and the shared faces are,
+//! job specs for small runs, a coordinator started in-process on a port-0 listener, and a
+//! fake worker that speaks the protocol with gradients the test chooses.
+
+pub mod fake_worker;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use forger_common::spec::JobSpec;
+use forger_coordinator::{LocalWorkers, RunSummary, ServeConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// `../shared/data/faces` beside the repository, or `FORGER_TEST_FACES` if set.
+pub fn shared_faces() -> PathBuf {
+    if let Some(path) = std::env::var_os("FORGER_TEST_FACES") {
+        return PathBuf::from(path);
+    }
+    let path = repo_root().join("../shared/data/faces");
+    assert!(
+        path.is_dir(),
+        "the shared faces are expected at {} (set FORGER_TEST_FACES to point elsewhere)",
+        path.display()
+    );
+    path
+}
+
+/// A built binary of the workspace (`forger-worker`, `forger-coordinator`), found beside the
+/// test executable's target folder. `scripts/test.sh` builds them before the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("test executable lies in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A spec for a short CPU run on a slice of the shared faces.
+pub fn small_spec(data: &Path, steps: u64, workers: u32) -> JobSpec {
+    let text = format!(
+        r#"
+version = 1
+[data]
+path = "{}"
+limit = 96
+[model]
+d_filters = [16, 8, 4]
+g_filters = [16, 8, 4]
+dropout = 0.5
+[train]
+steps = {steps}
+batch_size = 8
+seed = 7
+check_params_every = 1
+[cluster]
+workers = {workers}
+join_timeout_secs = 120
+step_timeout_secs = 60
+[checkpoint]
+every = 5
+keep = 10
+samples = 16
+"#,
+        data.display()
+    );
+    JobSpec::parse(&text, "test spec").expect("test spec is valid")
+}
+
+/// A coordinator running in this process on a loopback port chosen by the OS.
+#[derive(Debug)]
+pub struct TestCoordinator {
+    pub address: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<forger_coordinator::Result<RunSummary>>,
+}
+
+impl TestCoordinator {
+    /// Binds first, then spawns, so workers can never race the listener.
+    pub async fn start(spec: JobSpec, run_dir: &Path, resume: bool, local_workers: Option<usize>) -> TestCoordinator {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let address = listener.local_addr().expect("local address");
+        let local_workers = local_workers.map(|count| LocalWorkers {
+            count,
+            threads: 1,
+            device: "cpu".into(),
+            binary: binary("forger-worker"),
+        });
+        let config = ServeConfig {
+            spec,
+            run_dir: run_dir.to_path_buf(),
+            resume,
+            local_workers,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(forger_coordinator::serve(config, listener, async {
+            let _ = stopped.await;
+        }));
+        TestCoordinator {
+            address,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Waits for the run to end by itself, within `limit`.
+    pub async fn finish(mut self, limit: Duration) -> forger_coordinator::Result<RunSummary> {
+        let outcome = tokio::time::timeout(limit, &mut self.task)
+            .await
+            .expect("the coordinator did not finish in time");
+        drop(self.stop.take());
+        outcome.expect("the coordinator task panicked")
+    }
+}
+
+/// The steps of a run's metrics log, in order.
+pub fn metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl exists")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each metrics line is JSON"))
+        .collect()
+}

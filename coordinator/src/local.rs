@@ -1,0 +1,98 @@
+//! `--local-workers N`: worker processes on this machine, pointed at this coordinator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::process::{Child, Command};
+use tracing::info;
+
+use crate::error::{CoordinatorError, Result};
+
+/// How to start the local workers.
+#[derive(Debug, Clone)]
+pub struct LocalWorkers {
+    pub count: usize,
+    /// libtorch threads per worker.
+    pub threads: usize,
+    pub device: String,
+    /// The `forger-worker` executable.
+    pub binary: PathBuf,
+}
+
+impl LocalWorkers {
+    /// The worker binary installed beside the running coordinator.
+    pub fn default_binary() -> Result<PathBuf> {
+        let exe = std::env::current_exe().map_err(|e| CoordinatorError::io("failed to find the coordinator's own path", e))?;
+        Ok(exe.with_file_name("forger-worker"))
+    }
+}
+
+/// The running worker processes; they are killed if this is dropped before they exit.
+#[derive(Debug)]
+pub struct LocalCluster {
+    children: Vec<Child>,
+}
+
+impl LocalCluster {
+    pub fn start(config: &LocalWorkers, coordinator: SocketAddr) -> Result<LocalCluster> {
+        let url = format!("http://{coordinator}");
+        let mut children = Vec::new();
+        for i in 0..config.count {
+            let child = Command::new(&config.binary)
+                .arg("--coordinator")
+                .arg(&url)
+                .arg("--threads")
+                .arg(config.threads.to_string())
+                .arg("--device")
+                .arg(&config.device)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| CoordinatorError::io(format!("failed to start local worker {} from {}", i, config.binary.display()), e))?;
+            info!(worker = i, pid = child.id(), "started local worker");
+            children.push(child);
+        }
+        Ok(LocalCluster { children })
+    }
+
+    /// Resolves when any worker exits with a failure, naming it; never resolves otherwise.
+    pub async fn first_failure(&mut self) -> CoordinatorError {
+        let mut exited = vec![false; self.children.len()];
+        loop {
+            let waits = self
+                .children
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| !exited[*i])
+                .map(|(i, c)| Box::pin(async move { (i, c.wait().await) }));
+            let waits: Vec<_> = waits.collect();
+            if waits.is_empty() {
+                return futures::future::pending().await;
+            }
+            let ((i, status), _, _) = futures::future::select_all(waits).await;
+            exited[i] = true;
+            match status {
+                Ok(s) if s.success() => continue,
+                Ok(s) => return CoordinatorError::Refused(format!("local worker {i} exited with {s}")),
+                Err(e) => return CoordinatorError::io(format!("failed to wait for local worker {i}"), e),
+            }
+        }
+    }
+
+    /// Waits for every worker to exit after it was told to shut down.
+    pub async fn wait(mut self, timeout: std::time::Duration) -> Result<()> {
+        for (i, child) in self.children.iter_mut().enumerate() {
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => return Err(CoordinatorError::Refused(format!("local worker {i} exited with {status}"))),
+                Ok(Err(e)) => return Err(CoordinatorError::io(format!("failed to wait for local worker {i}"), e)),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    return Err(CoordinatorError::Refused(format!("local worker {i} did not exit; killed it")));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! The run directory: checkpoints, sample grids, the metrics log and the resolved spec.
+//!
+//! ```text
+//! RUN_DIR/spec.toml
+//! RUN_DIR/metrics.jsonl
+//! RUN_DIR/checkpoints/step-NNNNNNNN.safetensors
+//! RUN_DIR/samples/step-NNNNNNNN.png
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordinatorError, Result};
+
+/// Paths inside one run directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Creates the folders if they are missing.
+    pub fn create(root: &Path) -> Result<RunDir> {
+        let dir = RunDir {
+            root: root.to_path_buf(),
+        };
+        for folder in [dir.checkpoints(), dir.samples()] {
+            std::fs::create_dir_all(&folder)
+                .map_err(|e| CoordinatorError::io(format!("failed to create {}", folder.display()), e))?;
+        }
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    pub fn samples(&self) -> PathBuf {
+        self.root.join("samples")
+    }
+
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+
+    pub fn spec(&self) -> PathBuf {
+        self.root.join("spec.toml")
+    }
+
+    pub fn sample_grid(&self, step: u64) -> PathBuf {
+        self.samples().join(format!("step-{step:08}.png"))
+    }
+
+    pub fn checkpoint(&self, step: u64) -> PathBuf {
+        self.checkpoints().join(forger_common::checkpoint::file_name(step))
+    }
+}
+
+/// One line of `metrics.jsonl`: the cluster-wide losses measured at the start of the step,
+/// before either update, and what the step then trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss_d: f64,
+    pub loss_g: f64,
+    pub loss_d_real: f64,
+    pub loss_d_fake: f64,
+    pub train_d: bool,
+    pub train_g: bool,
+    pub workers: usize,
+    /// Real images the cluster looked at in this step.
+    pub images: u64,
+    /// Wall-clock time of the step.
+    pub seconds: f64,
+}
+
+/// Appends step records, one JSON object per line.
+#[derive(Debug)]
+pub struct MetricsLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Opens the log for appending. When resuming from `through_step`, lines of later steps
+    /// (work the crash lost and the run will redo) are dropped first, so no step appears twice.
+    pub fn open(path: &Path, through_step: Option<u64>) -> Result<MetricsLog> {
+        let io = |action: &str, e| CoordinatorError::io(format!("failed to {action} {}", path.display()), e);
+        if let Some(last) = through_step {
+            let kept = match File::open(path) {
+                Ok(file) => {
+                    let mut kept = String::new();
+                    for line in BufReader::new(file).lines() {
+                        let line = line.map_err(|e| io("read", e))?;
+                        // A torn last line (crash mid-write) does not parse and is dropped.
+                        if let Ok(record) = serde_json::from_str::<StepRecord>(&line)
+                            && record.step <= last
+                        {
+                            kept.push_str(&line);
+                            kept.push('\n');
+                        }
+                    }
+                    kept
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(io("read", e)),
+            };
+            forger_common::atomic::write_atomic(path, kept.as_bytes())?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| io("open", e))?;
+        Ok(MetricsLog {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn append(&mut self, record: &StepRecord) -> Result<()> {
+        let mut line = serde_json::to_string(record).expect("step records serialise");
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| CoordinatorError::io(format!("failed to write {}", self.path.display()), e))
+    }
+
+    /// Makes the lines so far durable; called with every checkpoint.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| CoordinatorError::io(format!("failed to fsync {}", self.path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(step: u64) -> StepRecord {
+        StepRecord {
+            step,
+            loss_d: 0.5,
+            loss_g: 0.7,
+            loss_d_real: 0.4,
+            loss_d_fake: 0.6,
+            train_d: true,
+            train_g: false,
+            workers: 2,
+            images: 32,
+            seconds: 0.1,
+        }
+    }
+
+    #[test]
+    fn resuming_drops_lines_after_the_checkpoint_and_torn_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, None).unwrap();
+        for step in 1..=5 {
+            log.append(&record(step)).unwrap();
+        }
+        drop(log);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"step\": 6, \"loss");
+        std::fs::write(&path, text).unwrap();
+
+        let mut log = MetricsLog::open(&path, Some(3)).unwrap();
+        log.append(&record(4)).unwrap();
+        let steps: Vec<u64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<StepRecord>(l).unwrap().step)
+            .collect();
+        assert_eq!(steps, vec![1, 2, 3, 4]);
+    }
+}

@@ -1,0 +1,162 @@
+//! The gRPC face of the coordinator. It only moves bytes: Join and FetchShard answer from the
+//! registry, and each Session stream is handed to the trainer as channels.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use forger_proto::PROTOCOL_VERSION;
+use forger_proto::pb;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::registry::{Registry, WorkerInfo};
+
+/// Images per FetchShard chunk: about 1.2 MB at 40x40, well under gRPC's 4 MiB limit.
+const IMAGES_PER_CHUNK: usize = 256;
+/// A Session must open with Hello within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages queued towards one worker before the trainer waits for it to read.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// What the service tells the trainer.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A worker opened its Session; the trainer sends to it through `outbound`.
+    Connected {
+        worker: WorkerInfo,
+        outbound: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    },
+    /// A message on a worker's Session.
+    Message { worker: u64, message: pb::WorkerMessage },
+    /// A worker's Session ended; `reason` says how.
+    Closed { worker: u64, reason: String },
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    registry: Registry,
+    events: mpsc::Sender<Inbound>,
+}
+
+impl CoordinatorService {
+    pub fn new(registry: Registry, events: mpsc::Sender<Inbound>) -> Self {
+        CoordinatorService { registry, events }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let req = request.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not the coordinator's {PROTOCOL_VERSION}",
+                req.protocol_version
+            )));
+        }
+        let host = if req.host.is_empty() { peer } else { req.host };
+        let worker = self.registry.join(host, req.device, req.threads)?;
+        info!(worker = worker.id, rank = worker.rank, host = %worker.host, device = %worker.device, "worker joined");
+        let job = self.registry.job();
+        Ok(Response::new(pb::JoinReply {
+            worker_id: worker.id,
+            rank: worker.rank,
+            spec_toml: job.spec_toml.clone(),
+            layout_fingerprint: job.fingerprint,
+        }))
+    }
+
+    type FetchShardStream = BoxStream<pb::ShardChunk>;
+
+    async fn fetch_shard(
+        &self,
+        request: Request<pb::ShardRequest>,
+    ) -> Result<Response<Self::FetchShardStream>, Status> {
+        let id = request.into_inner().worker_id;
+        let worker = self
+            .registry
+            .worker(id)
+            .ok_or_else(|| Status::not_found(format!("worker {id} has not joined")))?;
+        let job = self.registry.job();
+        let rank = worker.rank as usize;
+        let stream = async_stream_of_chunks(job, rank);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type SessionStream = BoxStream<pb::CoordinatorMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 30 s"))??;
+        let Some(pb::WorkerMessage {
+            kind: Some(pb::worker_message::Kind::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument("a Session must open with Hello"));
+        };
+        let worker = self
+            .registry
+            .worker(hello.worker_id)
+            .ok_or_else(|| Status::not_found(format!("worker {} has not joined", hello.worker_id)))?;
+        let id = worker.id;
+        let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+        self.events
+            .send(Inbound::Connected { worker, outbound })
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(message)) => {
+                        if events.send(Inbound::Message { worker: id, message }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break "the worker closed its session".to_string(),
+                    Err(status) => break format!("the connection failed: {}", status.message()),
+                }
+            };
+            warn!(worker = id, %reason, "session ended");
+            let _ = events.send(Inbound::Closed { worker: id, reason }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+/// The shard of `rank`, as a stream of chunks built lazily so a large shard is never copied
+/// whole into messages at once.
+fn async_stream_of_chunks(
+    job: std::sync::Arc<crate::registry::Job>,
+    rank: usize,
+) -> impl Stream<Item = Result<pb::ShardChunk, Status>> + Send + 'static {
+    let shard_len = job.shards[rank].len();
+    let chunks = shard_len.div_ceil(IMAGES_PER_CHUNK);
+    futures::stream::iter(0..chunks).map(move |c| {
+        let indices = &job.shards[rank][c * IMAGES_PER_CHUNK..((c + 1) * IMAGES_PER_CHUNK).min(shard_len)];
+        let mut pixels = Vec::with_capacity(indices.len() * job.dataset.image_bytes());
+        for &i in indices {
+            pixels.extend_from_slice(job.dataset.image(i as usize));
+        }
+        Ok(pb::ShardChunk {
+            indices: indices.to_vec(),
+            image_size: job.dataset.image_size,
+            pixels: pixels.into(),
+            shard_len: shard_len as u32,
+        })
+    })
+}
+
+use futures::StreamExt as _;

@@ -1,0 +1,261 @@
+//! Putting a run together: run directory, state (fresh or resumed), dataset and shards, the
+//! gRPC server, the workers, and then the trainer.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use forger_common::checkpoint::{self, NetState, TrainingState};
+use forger_common::init::initial_parameters;
+use forger_common::layout;
+use forger_common::rmsprop::initial_mean_square;
+use forger_common::sampler::{BatchSampler, SamplerState, assign_shards};
+use forger_common::seeds::{self, Stream};
+use forger_common::spec::JobSpec;
+use forger_proto::pb::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::dataset::{self, PreparedDataset};
+use crate::error::{CoordinatorError, Result};
+use crate::local::{LocalCluster, LocalWorkers};
+use crate::peers::Peers;
+use crate::registry::{Job, Registry};
+use crate::run_dir::{MetricsLog, RunDir};
+use crate::service::CoordinatorService;
+use crate::trainer::{RunSummary, Trainer};
+
+/// Everything `serve` needs besides the socket.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub spec: JobSpec,
+    pub run_dir: PathBuf,
+    /// Continue from the newest checkpoint in `run_dir`.
+    pub resume: bool,
+    /// Also start worker processes on this machine.
+    pub local_workers: Option<LocalWorkers>,
+}
+
+/// How long local workers get to exit once told to.
+const LOCAL_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long connections get to close after the run before the server is dropped.
+const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs the job to its last step. `shutdown` resolving makes the run finish the current step,
+/// checkpoint and stop.
+pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<RunSummary> {
+    let ServeConfig {
+        spec,
+        run_dir,
+        resume,
+        local_workers,
+    } = config;
+    let run = RunDir::create(&run_dir)?;
+    let state = initial_state(&spec, &run, resume)?;
+    forger_common::atomic::write_atomic(&run.spec(), spec.to_toml().as_bytes())?;
+
+    let dataset = load_dataset(&spec)?;
+    let workers = spec.cluster.workers as usize;
+    let shards = assign_shards(dataset.len(), workers, spec.train.seed);
+    check_shards(&spec, &shards)?;
+    let samplers = samplers_for(&spec, &state, dataset.len(), &shards);
+    let mut state = state;
+    state.dataset_len = dataset.len();
+    state.samplers = samplers.iter().map(BatchSampler::state).collect();
+
+    let metrics = MetricsLog::open(&run.metrics(), resume.then_some(state.step))?;
+    let image_size = spec.data.image_size as usize;
+    let registry = Registry::new(Job {
+        spec_toml: spec.to_toml(),
+        fingerprint: layout::fingerprint(&spec.model, image_size),
+        expected_workers: workers,
+        dataset: Arc::new(dataset),
+        shards,
+    });
+
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let service = CoordinatorService::new(registry, events_tx);
+    let address = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::io("failed to read the listening address", e))?;
+    let (server_stop, server_stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(CoordinatorServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = server_stopped.await;
+            }),
+    );
+    info!(%address, workers, "coordinator listening");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutdown requested: finishing the current step");
+        stop_flag.store(true, Ordering::SeqCst);
+    });
+
+    let mut local = match &local_workers {
+        Some(config) => Some(LocalCluster::start(config, address)?),
+        None => None,
+    };
+    let training = async {
+        let peers = Peers::gather(
+            events_rx,
+            workers,
+            Duration::from_secs(spec.cluster.join_timeout_secs),
+            Duration::from_secs(spec.cluster.step_timeout_secs),
+        )
+        .await?;
+        Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop).run().await
+    };
+    let result = match local.as_mut() {
+        Some(cluster) => tokio::select! {
+            result = training => result,
+            failure = cluster.first_failure() => Err(failure),
+        },
+        None => training.await,
+    };
+    if let (Ok(_), Some(cluster)) = (&result, local) {
+        cluster.wait(LOCAL_EXIT_TIMEOUT).await?;
+    }
+    // Graceful shutdown waits for clients to hang up; a worker that never does must not hold
+    // the coordinator open, so the wait is bounded.
+    let _ = server_stop.send(());
+    let server_abort = server.abort_handle();
+    match tokio::time::timeout(SERVER_DRAIN_TIMEOUT, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "grpc server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "grpc server task failed"),
+        Err(_) => server_abort.abort(),
+    }
+    result
+}
+
+/// A fresh state, or the newest checkpoint's when resuming.
+fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<TrainingState> {
+    let (newest, skipped) = checkpoint::load_newest(&run.checkpoints())?;
+    if !resume {
+        if newest.is_some() || !skipped.is_empty() {
+            return Err(CoordinatorError::RunDir {
+                path: run.root().to_path_buf(),
+                message: "already holds checkpoints; pass --resume to continue that run, or choose another --out".into(),
+            });
+        }
+        return Ok(fresh_state(spec));
+    }
+    let Some((path, checkpoint)) = newest else {
+        return Err(CoordinatorError::RunDir {
+            path: run.root().to_path_buf(),
+            message: if skipped.is_empty() {
+                "--resume was given but there is no checkpoint to resume from".into()
+            } else {
+                format!("--resume was given but no checkpoint loads ({} damaged)", skipped.len())
+            },
+        });
+    };
+    let image_size = spec.data.image_size;
+    if checkpoint.spec.model != spec.model || checkpoint.spec.data.image_size != image_size {
+        return Err(forger_common::Error::CheckpointMismatch {
+            path,
+            message: format!(
+                "it holds model {:?} at {} px, the spec asks for {:?} at {image_size} px",
+                checkpoint.spec.model, checkpoint.spec.data.image_size, spec.model
+            ),
+        }
+        .into());
+    }
+    info!(step = checkpoint.state.step, path = %path.display(), "resuming");
+    Ok(checkpoint.state)
+}
+
+fn fresh_state(spec: &JobSpec) -> TrainingState {
+    let seed = spec.train.seed;
+    let d_layout = layout::discriminator_layout(&spec.model, spec.data.image_size as usize);
+    let g_layout = layout::generator_layout(&spec.model);
+    TrainingState {
+        step: 0,
+        discriminator: NetState {
+            params: initial_parameters(&d_layout, seeds::derive(seed, Stream::InitDiscriminator, &[])),
+            mean_square: initial_mean_square(d_layout.numel()),
+        },
+        generator: NetState {
+            params: initial_parameters(&g_layout, seeds::derive(seed, Stream::InitGenerator, &[])),
+            mean_square: initial_mean_square(g_layout.numel()),
+        },
+        batch_norm: layout::initial_batch_norm_running(&spec.model),
+        samplers: Vec::new(),
+        dataset_len: 0,
+    }
+}
+
+fn load_dataset(spec: &JobSpec) -> Result<PreparedDataset> {
+    let path = &spec.data.path;
+    let started = std::time::Instant::now();
+    let dataset = dataset::load(path, spec.data.image_size, spec.data.limit)?;
+    for (file, reason) in dataset.skipped.iter().take(20) {
+        warn!(file = %file.display(), %reason, "skipped an image");
+    }
+    info!(
+        path = %path.display(),
+        images = dataset.len(),
+        skipped = dataset.skipped.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "dataset loaded"
+    );
+    let batch = spec.train.batch_size as usize;
+    if dataset.len() < batch {
+        return Err(CoordinatorError::Dataset {
+            path: path.clone(),
+            message: format!(
+                "holds {} usable images ({} skipped), fewer than one batch of {batch}",
+                dataset.len(),
+                dataset.skipped.len()
+            ),
+        });
+    }
+    Ok(dataset)
+}
+
+fn check_shards(spec: &JobSpec, shards: &[Vec<u32>]) -> Result<()> {
+    let batch = spec.train.batch_size as usize;
+    let smallest = shards.iter().map(Vec::len).min().unwrap_or(0);
+    if smallest < batch {
+        return Err(CoordinatorError::Dataset {
+            path: spec.data.path.clone(),
+            message: format!(
+                "split among {} workers, the smallest shard has {smallest} images, fewer than train.batch_size = {batch}",
+                shards.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Samplers continue where the checkpoint left them, unless the dataset or the worker count
+/// changed, in which case the shards are new and the samplers start over.
+fn samplers_for(spec: &JobSpec, state: &TrainingState, dataset_len: usize, shards: &[Vec<u32>]) -> Vec<BatchSampler> {
+    let same_data = state.dataset_len == dataset_len && state.samplers.len() == shards.len();
+    if !same_data && state.step > 0 {
+        warn!(
+            was_images = state.dataset_len,
+            images = dataset_len,
+            was_workers = state.samplers.len(),
+            workers = shards.len(),
+            "dataset or worker count changed since the checkpoint: shards start afresh"
+        );
+    }
+    shards
+        .iter()
+        .enumerate()
+        .map(|(rank, shard)| {
+            let position = if same_data { state.samplers[rank] } else { SamplerState::default() };
+            BatchSampler::new(spec.train.seed, rank as u32, shard.clone(), position)
+        })
+        .collect()
+}

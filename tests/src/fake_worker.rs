@@ -1,0 +1,140 @@
+//! A worker that speaks forger's protocol without libtorch: it answers with losses and
+//! gradients the test chooses, and records what the coordinator sent.
+
+use std::time::Duration;
+
+use forger_common::layout;
+use forger_common::spec::JobSpec;
+use forger_common::wire::{self, CHUNK_VALUES};
+use forger_proto::PROTOCOL_VERSION;
+use forger_proto::pb::{self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In, worker_message::Kind as Out};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// Every await in a test is bounded by this.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A joined fake worker with an open session.
+#[derive(Debug)]
+pub struct FakeWorker {
+    pub rank: u32,
+    pub spec: JobSpec,
+    pub shard: Vec<u32>,
+    outbound: mpsc::Sender<pb::WorkerMessage>,
+    inbound: Streaming<pb::CoordinatorMessage>,
+}
+
+impl FakeWorker {
+    /// Joins, downloads the shard and opens the session.
+    pub async fn join(url: &str) -> FakeWorker {
+        let mut client = CoordinatorClient::connect(url.to_string()).await.expect("connect");
+        let reply = client
+            .join(pb::JoinRequest {
+                protocol_version: PROTOCOL_VERSION,
+                host: "fake".into(),
+                device: "none".into(),
+                threads: 1,
+            })
+            .await
+            .expect("join")
+            .into_inner();
+        let spec = JobSpec::parse(&reply.spec_toml, "join reply").expect("spec from the coordinator");
+        let mut stream = client
+            .fetch_shard(pb::ShardRequest {
+                worker_id: reply.worker_id,
+            })
+            .await
+            .expect("fetch shard")
+            .into_inner();
+        let mut shard = Vec::new();
+        while let Some(chunk) = stream.message().await.expect("shard chunk") {
+            shard.extend(chunk.indices);
+        }
+        let (outbound, rx) = mpsc::channel(64);
+        outbound
+            .send(pb::WorkerMessage {
+                kind: Some(Out::Hello(pb::Hello {
+                    worker_id: reply.worker_id,
+                })),
+            })
+            .await
+            .unwrap();
+        let inbound = client.session(ReceiverStream::new(rx)).await.expect("session").into_inner();
+        FakeWorker {
+            rank: reply.rank,
+            spec,
+            shard,
+            outbound,
+            inbound,
+        }
+    }
+
+    /// The next message from the coordinator.
+    pub async fn recv(&mut self) -> In {
+        let message = tokio::time::timeout(TIMEOUT, self.inbound.message())
+            .await
+            .expect("the coordinator went silent")
+            .expect("session failed")
+            .expect("session ended");
+        message.kind.expect("message has a kind")
+    }
+
+    /// Receives a whole parameter download: `(network, values, batch-norm running stats)`.
+    pub async fn recv_params(&mut self) -> (pb::Network, u64, Vec<f32>, Vec<f32>) {
+        let mut values = Vec::new();
+        loop {
+            let In::Params(chunk) = self.recv().await else {
+                panic!("expected parameters")
+            };
+            assert_eq!(chunk.offset as usize, values.len(), "parameter chunks arrive in order");
+            let mut part = vec![0f32; chunk.values.len() / 4];
+            assert!(wire::le_bytes_to_f32(&chunk.values, &mut part));
+            values.extend(part);
+            if chunk.last {
+                return (chunk.network(), chunk.step, values, chunk.bn_running_stats);
+            }
+        }
+    }
+
+    pub async fn send(&self, kind: Out) {
+        self.outbound
+            .send(pb::WorkerMessage { kind: Some(kind) })
+            .await
+            .expect("session open");
+    }
+
+    /// Uploads `gradient` for a phase in wire-sized chunks.
+    pub async fn upload(&self, step: u64, phase: pb::Phase, gradient: &[f32], samples: u32, bn_stats: Vec<f32>) {
+        let chunks = gradient.len().div_ceil(CHUNK_VALUES);
+        let mut bn_stats = Some(bn_stats);
+        for c in 0..chunks {
+            let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(gradient.len());
+            let last = c + 1 == chunks;
+            let mut bytes = Vec::new();
+            wire::f32_to_le_bytes(&gradient[range.clone()], &mut bytes);
+            self.send(Out::Gradient(pb::GradientChunk {
+                step,
+                phase: phase as i32,
+                offset: range.start as u64,
+                values: bytes.into(),
+                last,
+                samples: if last { samples } else { 0 },
+                bn_batch_stats: if last { bn_stats.take().unwrap() } else { Vec::new() },
+            }))
+            .await;
+        }
+    }
+
+    pub fn d_len(&self) -> usize {
+        layout::discriminator_layout(&self.spec.model, self.spec.data.image_size as usize).numel()
+    }
+
+    pub fn g_len(&self) -> usize {
+        layout::generator_layout(&self.spec.model).numel()
+    }
+
+    pub fn bn_len(&self) -> usize {
+        layout::batch_norm_stats_len(&self.spec.model)
+    }
+}
