@@ -1,0 +1,19 @@
+//! A forger worker: computes the DCGAN's losses and gradients with libtorch.
+//!
+//! - [`model`]: the article's discriminator and generator with TF1's padding, resize and
+//!   batch-norm semantics, their variables named and shaped as `forger_common::layout` says.
+//! - [`replica`]: one worker's copy of both networks on a device: loading flat parameters,
+//!   evaluating losses, computing gradients and batch-norm statistics, sampling images.
+//! - [`client`]: Join, shard download and the Session stream with the coordinator.
+//! - [`compute`]: the thread that owns the replica and follows the coordinator's steps.
+//! - [`device`]: `--device` names to libtorch devices.
+//! - [`generate`]: faces from a checkpoint.
+//! - [`error`]: the crate's error type.
+
+pub mod client;
+pub mod compute;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod replica;

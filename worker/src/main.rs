@@ -1,1 +1,99 @@
-fn main(){}
+//! `forger-worker`: join a coordinator and train, or draw faces from a checkpoint.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use forger_worker::client::{self, WorkerConfig};
+use forger_worker::{device, generate};
+
+/// A forger worker: computes the DCGAN's losses and gradients with libtorch.
+#[derive(Debug, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The coordinator's address, for example http://10.0.0.5:50051.
+    #[arg(long, env = "FORGER_COORDINATOR")]
+    coordinator: Option<String>,
+    /// auto, cpu, cuda or cuda:N. `cuda` without a usable GPU is an error.
+    #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
+    device: String,
+    /// libtorch intra-op threads (default: all cores).
+    #[arg(long, env = "FORGER_THREADS")]
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Draw faces from a checkpoint as one grid image.
+    Generate {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        count: usize,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
+        device: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(Command::Generate {
+        checkpoint,
+        count,
+        out,
+        seed,
+        device,
+    }) = args.command
+    {
+        anyhow::ensure!(count >= 1, "--count must be at least 1");
+        let device = device::resolve(&device)?;
+        generate::generate(&checkpoint, count, seed, device, &out)
+            .with_context(|| format!("failed to generate from {}", checkpoint.display()))?;
+        eprintln!("wrote {count} images to {}", out.display());
+        return Ok(());
+    }
+    let coordinator = args
+        .coordinator
+        .context("--coordinator URL is required (or FORGER_COORDINATOR)")?;
+    let device = device::resolve(&args.device)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+    tch::set_num_threads(threads as i32);
+    tch::set_num_interop_threads(1);
+    let config = WorkerConfig {
+        coordinator,
+        device,
+        threads,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(client::run(config))?;
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The compute thread: a replica of both networks following the coordinator's messages in
+//! order. Each message names its step and phase; anything out of turn is an error.
+
+use std::collections::HashMap;
+
+use forger_common::layout;
+use forger_common::seeds::{self, Stream};
+use forger_common::spec::JobSpec;
+use forger_common::wire::{self, CHUNK_VALUES};
+use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
+use tch::{Device, Tensor};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::error::{Result, WorkerError};
+use crate::replica::{Contribution, Net, Replica, noise};
+
+/// What the worker learnt at Join.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub spec: JobSpec,
+    pub rank: u32,
+    pub device: Device,
+}
+
+/// The worker's images, in the order they arrived.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub image_size: u32,
+    /// Dataset index of each image.
+    pub indices: Vec<u32>,
+    /// Interleaved RGB bytes, image after image.
+    pub pixels: Vec<u8>,
+}
+
+/// The dropout streams of the two training phases differ, so their masks are independent.
+const DROPOUT_PHASE_D: u64 = 2;
+const DROPOUT_PHASE_G: u64 = 3;
+
+/// The step in progress: its batch and noise serve every phase, as in the article's loop.
+struct Current {
+    step: u64,
+    images: Tensor,
+    noise: Tensor,
+    /// Set after the plan; the G phase waits for the new D when D trains first.
+    generator_pending: bool,
+}
+
+/// A parameter download in progress.
+struct Download {
+    net: Net,
+    values: Vec<f32>,
+    received: usize,
+}
+
+struct Worker {
+    job: Job,
+    replica: Replica,
+    store: Tensor,
+    positions: HashMap<u32, i64>,
+    outbound: mpsc::Sender<pb::WorkerMessage>,
+    current: Option<Current>,
+    download: Option<Download>,
+    d_len: usize,
+    g_len: usize,
+}
+
+/// Runs until Shutdown, or until the coordinator's side of the channel closes.
+pub fn run(
+    job: Job,
+    shard: Shard,
+    commands: std::sync::mpsc::Receiver<pb::CoordinatorMessage>,
+    outbound: mpsc::Sender<pb::WorkerMessage>,
+) -> Result<()> {
+    let size = shard.image_size as usize;
+    let replica = Replica::new(&job.spec.model, size, job.device)?;
+    let count = shard.indices.len() as i64;
+    let store = Tensor::f_from_slice(&shard.pixels)?.f_view([count, size as i64, size as i64, 3])?;
+    let worker_spec = job.spec.clone();
+    let positions = shard.indices.iter().enumerate().map(|(p, &i)| (i, p as i64)).collect();
+    let mut worker = Worker {
+        job,
+        replica,
+        store,
+        positions,
+        outbound,
+        current: None,
+        download: None,
+        d_len: layout::discriminator_layout(&job_model(&worker_spec), size).numel(),
+        g_len: layout::generator_layout(&job_model(&worker_spec)).numel(),
+    };
+    while let Ok(message) = commands.recv() {
+        match message.kind {
+            Some(In::Shutdown(s)) => {
+                debug!(reason = %s.reason, "shutdown");
+                return Ok(());
+            }
+            Some(kind) => worker.handle(kind)?,
+            None => return Err(WorkerError::Protocol("the coordinator sent an empty message".into())),
+        }
+    }
+    Ok(())
+}
+
+fn job_model(spec: &JobSpec) -> forger_common::spec::ModelSpec {
+    spec.model.clone()
+}
+
+impl Worker {
+    fn send(&self, kind: Out) -> Result<()> {
+        self.outbound
+            .blocking_send(pb::WorkerMessage { kind: Some(kind) })
+            .map_err(|_| WorkerError::Protocol("the session to the coordinator closed".into()))
+    }
+
+    fn handle(&mut self, kind: In) -> Result<()> {
+        match kind {
+            In::Params(chunk) => self.params(chunk),
+            In::Evaluate(evaluate) => self.evaluate(evaluate),
+            In::Plan(plan) => self.plan(plan),
+            In::Sample(request) => self.sample(request),
+            In::Shutdown(_) => Ok(()),
+        }
+    }
+
+    fn params(&mut self, chunk: pb::ParamsChunk) -> Result<()> {
+        let net = match chunk.network() {
+            pb::Network::Discriminator => Net::Discriminator,
+            pb::Network::Generator => Net::Generator,
+            pb::Network::Unspecified => return Err(WorkerError::Protocol("parameters for no network".into())),
+        };
+        let len = match net {
+            Net::Discriminator => self.d_len,
+            Net::Generator => self.g_len,
+        };
+        let download = self.download.get_or_insert_with(|| Download {
+            net,
+            values: vec![0.0; len],
+            received: 0,
+        });
+        let count = chunk.values.len() / 4;
+        if download.net != net || chunk.offset as usize != download.received || download.received + count > len {
+            return Err(WorkerError::Protocol(format!(
+                "parameter chunk for {net} at {} does not continue the download ({} of {len} received)",
+                chunk.offset, download.received
+            )));
+        }
+        let start = download.received;
+        if !wire::le_bytes_to_f32(&chunk.values, &mut download.values[start..start + count]) {
+            return Err(WorkerError::Protocol("parameter chunk is not whole f32 values".into()));
+        }
+        download.received += count;
+        if !chunk.last {
+            return Ok(());
+        }
+        let download = self.download.take().expect("download in progress");
+        if download.received != len {
+            return Err(WorkerError::Protocol(format!("{net} download ended at {} of {len} values", download.received)));
+        }
+        self.replica.set_params(net, &download.values)?;
+        self.replica.set_batch_norm_running(&chunk.bn_running_stats)?;
+        if net == Net::Discriminator
+            && let Some(current) = &self.current
+            && current.step == chunk.step
+            && current.generator_pending
+        {
+            self.generator_phase()?;
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, evaluate: pb::Evaluate) -> Result<()> {
+        let step = evaluate.step;
+        let positions: Vec<i64> = evaluate
+            .batch
+            .iter()
+            .map(|i| {
+                self.positions
+                    .get(i)
+                    .copied()
+                    .ok_or_else(|| WorkerError::Protocol(format!("step {step} asks for image {i}, which is not in this shard")))
+            })
+            .collect::<Result<_>>()?;
+        let images = self.replica.batch(&self.store, &positions)?;
+        let spec = &self.job.spec;
+        let seed = seeds::derive(spec.train.seed, Stream::Noise, &[step, u64::from(self.job.rank)]);
+        let noise = noise(seed, positions.len(), spec.model.noise_dim as usize, self.job.device)?;
+        let sums = self.replica.evaluate(&images, &noise)?;
+        let params_crc32 = if evaluate.check_params { Some(self.replica.params_crc32()?) } else { None };
+        self.current = Some(Current {
+            step,
+            images,
+            noise,
+            generator_pending: false,
+        });
+        self.send(Out::Losses(pb::Losses {
+            step,
+            samples: sums.samples as u32,
+            sum_d_real: sums.sum_d_real,
+            sum_d_fake: sums.sum_d_fake,
+            sum_g: sums.sum_g,
+            params_crc32,
+        }))
+    }
+
+    fn plan(&mut self, plan: pb::Plan) -> Result<()> {
+        let Some(current) = self.current.as_mut().filter(|c| c.step == plan.step) else {
+            return Err(WorkerError::Protocol(format!("a plan for step {} arrived before its Evaluate", plan.step)));
+        };
+        current.generator_pending = plan.train_g;
+        if plan.train_d {
+            let seed = self.dropout_seed(plan.step, DROPOUT_PHASE_D);
+            let current = self.current.as_ref().expect("checked above");
+            let contribution = self.replica.discriminator_gradient(&current.images, &current.noise, seed)?;
+            self.upload(plan.step, pb::Phase::Discriminator, contribution)
+            // The G phase follows once the updated D arrives (see `params`).
+        } else if plan.train_g {
+            self.generator_phase()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn generator_phase(&mut self) -> Result<()> {
+        let current = self.current.as_mut().expect("a step is in progress");
+        current.generator_pending = false;
+        let step = current.step;
+        let seed = self.dropout_seed(step, DROPOUT_PHASE_G);
+        let current = self.current.as_ref().expect("a step is in progress");
+        let contribution = self.replica.generator_gradient(&current.noise, seed)?;
+        self.upload(step, pb::Phase::Generator, contribution)
+    }
+
+    fn dropout_seed(&self, step: u64, phase: u64) -> u64 {
+        seeds::derive(self.job.spec.train.seed, Stream::Dropout, &[step, u64::from(self.job.rank), phase])
+    }
+
+    fn upload(&self, step: u64, phase: pb::Phase, contribution: Contribution) -> Result<()> {
+        let Contribution {
+            gradient,
+            bn_stats,
+            samples,
+        } = contribution;
+        let chunks = gradient.len().div_ceil(CHUNK_VALUES).max(1);
+        let mut bn_stats = Some(bn_stats);
+        for c in 0..chunks {
+            let start = c * CHUNK_VALUES;
+            let end = ((c + 1) * CHUNK_VALUES).min(gradient.len());
+            let last = c + 1 == chunks;
+            let mut values = Vec::with_capacity((end - start) * 4);
+            wire::f32_to_le_bytes(&gradient[start..end], &mut values);
+            self.send(Out::Gradient(pb::GradientChunk {
+                step,
+                phase: phase as i32,
+                offset: start as u64,
+                values: values.into(),
+                last,
+                samples: if last { samples as u32 } else { 0 },
+                bn_batch_stats: if last { bn_stats.take().unwrap_or_default() } else { Vec::new() },
+            }))?;
+        }
+        Ok(())
+    }
+
+    fn sample(&mut self, request: pb::SampleRequest) -> Result<()> {
+        let count = request.count as usize;
+        let dim = self.job.spec.model.noise_dim as usize;
+        let noise = noise(request.seed, count, dim, self.job.device)?;
+        let pixels = self.replica.sample(&noise)?;
+        self.send(Out::Samples(pb::Samples {
+            step: request.step,
+            count: request.count,
+            image_size: self.job.spec.data.image_size,
+            pixels: pixels.into(),
+        }))
+    }
+}

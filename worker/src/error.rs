@@ -1,0 +1,46 @@
+//! The worker library's error type.
+
+use crate::replica::Net;
+
+/// Everything the worker library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The model spec cannot describe the article's network.
+    #[error("invalid model spec: {0}")]
+    Spec(String),
+    /// A network's variables differ from the layout every process agreed on.
+    #[error("{net} variables do not match the layout: {problem}")]
+    Layout { net: Net, problem: String },
+    /// A flat buffer from outside has the wrong number of values.
+    #[error("{what} holds {found} values, expected {expected}")]
+    Length {
+        what: &'static str,
+        expected: usize,
+        found: usize,
+    },
+    /// A tensor from outside has the wrong shape.
+    #[error("{what} has shape {found:?}, expected {expected}")]
+    Shape {
+        what: &'static str,
+        expected: String,
+        found: Vec<i64>,
+    },
+    /// The requested device cannot be used.
+    #[error("device: {0}")]
+    Device(String),
+    /// The coordinator or this worker broke the protocol, or the session ended unexpectedly.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A gRPC call failed.
+    #[error("coordinator answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// A spec, checkpoint or file problem from the shared library.
+    #[error(transparent)]
+    Common(#[from] forger_common::Error),
+    /// libtorch refused an operation.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// The worker library's result type.
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
