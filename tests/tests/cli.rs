@@ -1,0 +1,142 @@
+//! The binaries as a user runs them: exit codes and messages for bad input, the linking that
+//! keeps CUDA from silently disappearing, and a short real run of the README's main command.
+
+use std::process::Command;
+
+use forger_tests::{binary, metric_lines, shared_faces};
+
+fn dynamic_section(path: &std::path::Path) -> String {
+    let out = Command::new("readelf").arg("-d").arg(path).output().expect("readelf (binutils) is installed");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_worker_links_libtorch_cuda_whenever_libtorch_has_it() {
+    let worker = binary("forger-worker");
+    let section = dynamic_section(&worker);
+    let runpath = section
+        .lines()
+        .find(|l| l.contains("(RUNPATH)") || l.contains("(RPATH)"))
+        .and_then(|l| l.split('[').nth(1))
+        .and_then(|l| l.split(']').next())
+        .expect("the worker carries a runpath to libtorch, so it runs with no environment set");
+    let cuda_lib = std::path::Path::new(runpath).join("libtorch_cuda.so");
+    if cuda_lib.exists() {
+        assert!(
+            section.contains("[libtorch_cuda.so]"),
+            "libtorch has CUDA ({}), but the worker does not link it: CUDA would silently disappear",
+            cuda_lib.display()
+        );
+    } else {
+        eprintln!("libtorch at {runpath} has no CUDA; nothing to check");
+    }
+    // The worker starts and reports its version with no LD_LIBRARY_PATH.
+    let out = Command::new(&worker).arg("--version").env_remove("LD_LIBRARY_PATH").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_coordinator_does_not_link_libtorch() {
+    let section = dynamic_section(&binary("forger-coordinator"));
+    assert!(!section.contains("libtorch"), "the coordinator must stay free of libtorch:\n{section}");
+}
+
+#[test]
+fn asking_for_cuda_without_a_gpu_is_an_error() {
+    let out = Command::new(binary("forger-worker"))
+        .args(["--device", "cuda", "--coordinator", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if tch_sees_a_gpu(&stderr) {
+        return;
+    }
+    assert!(!out.status.success());
+    assert!(stderr.contains("no usable GPU"), "{stderr}");
+}
+
+fn tch_sees_a_gpu(stderr: &str) -> bool {
+    // On a CUDA machine the worker gets past device selection and fails to connect instead.
+    stderr.contains("could not reach the coordinator")
+}
+
+#[test]
+fn a_bad_spec_exits_2_naming_every_field_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("bad.toml");
+    std::fs::write(
+        &spec,
+        "version = 1\n[data]\npath = \"x\"\n[model]\ndropout = 2.0\n[train]\nbatch_size = 0\nlr_d = -1.0\n",
+    )
+    .unwrap();
+    let out_dir = dir.path().join("run");
+    let out = Command::new(binary("forger-coordinator"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for field in ["model.dropout", "train.batch_size", "train.lr_d"] {
+        assert!(stderr.contains(field), "{field} missing from: {stderr}");
+    }
+    assert!(!out_dir.exists(), "nothing is written for a bad spec");
+
+    std::fs::write(&spec, "version = 1\n[data]\npath = \"x\"\n[trian]\nsteps = 3\n").unwrap();
+    let out = Command::new(binary("forger-coordinator")).arg("--spec").arg(&spec).arg("--out").arg(&out_dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trian"));
+}
+
+#[test]
+fn an_empty_dataset_is_refused_before_any_worker_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("empty");
+    std::fs::create_dir(&data).unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(&spec, "version = 1\n[data]\npath = \"empty\"\n").unwrap();
+    let out = Command::new(binary("forger-coordinator"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .args(["--listen", "127.0.0.1:0", "--local-workers", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fewer than one batch") && stderr.contains("empty"), "{stderr}");
+    assert!(!stderr.contains("started local worker"), "{stderr}");
+}
+
+#[test]
+fn the_main_command_trains_with_local_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        "version = 1\n[data]\npath = \"overridden-by-flag\"\nlimit = 64\n[model]\nd_filters = [8, 4, 4]\ng_filters = [8, 4, 4]\n\
+         [train]\nsteps = 6\n[cluster]\nworkers = 2\n[checkpoint]\nevery = 3\nsamples = 4\n",
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let out = Command::new(binary("forger-coordinator"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--data")
+        .arg(shared_faces())
+        .arg("--out")
+        .arg(&run)
+        .args(["--listen", "127.0.0.1:0", "--local-workers", "2", "--local-worker-threads", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("finished at step 6"), "{stderr}");
+    assert_eq!(metric_lines(&run).len(), 6);
+    assert!(run.join("checkpoints/step-00000006.safetensors").is_file());
+    assert!(run.join("samples/step-00000003.png").is_file());
+}
