@@ -25,7 +25,8 @@ pub fn write_atomic_with_hook(path: &Path, bytes: &[u8], before_rename: impl FnO
     let tmp = dir.join(format!(".{file_name}.tmp"));
     {
         let mut file = File::create(&tmp).map_err(|e| Error::file("failed to create", &tmp, e))?;
-        file.write_all(bytes).map_err(|e| Error::file("failed to write", &tmp, e))?;
+        file.write_all(bytes)
+            .map_err(|e| Error::file("failed to write", &tmp, e))?;
         file.sync_all().map_err(|e| Error::file("failed to fsync", &tmp, e))?;
     }
     before_rename();
@@ -48,7 +49,10 @@ mod tests {
         write_atomic(&path, b"old").unwrap();
         write_atomic(&path, b"new").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("file.bin")]);
     }
 

@@ -56,7 +56,11 @@ pub fn file_name(step: u64) -> String {
 
 /// The step a checkpoint file name stands for.
 pub fn step_of(file_name: &str) -> Option<u64> {
-    file_name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()
+    file_name
+        .strip_prefix("step-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
 }
 
 /// Checkpoint files in `dir`, oldest first. A missing folder has none.
@@ -201,7 +205,9 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
         .map_err(|_| bad("`dataset_len` is not a number".into()))?;
     let samplers: Vec<SamplerState> =
         serde_json::from_str(get("samplers")?).map_err(|e| bad(format!("`samplers` is malformed: {e}")))?;
-    let expected_crc: u32 = get("crc32")?.parse().map_err(|_| bad("`crc32` is not a number".into()))?;
+    let expected_crc: u32 = get("crc32")?
+        .parse()
+        .map_err(|_| bad("`crc32` is not a number".into()))?;
     let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("damaged tensor data ({e})")))?;
 
     // Build an empty state of the right sizes, then fill each tensor through the same listing
@@ -277,20 +283,31 @@ fn fill(spec: &JobSpec, state: &mut TrainingState, by_name: &HashMap<String, Vec
     }
 }
 
+/// The newest checkpoint that loaded, and the problems of the newer files passed over.
+#[derive(Debug)]
+pub struct Newest {
+    pub found: Option<(PathBuf, Checkpoint)>,
+    pub skipped: Vec<Error>,
+}
+
 /// The newest checkpoint in `dir` that loads, with a warning for each newer one that did not.
-/// Returns the problems of the skipped files alongside.
-pub fn load_newest(dir: &Path) -> Result<(Option<(PathBuf, Checkpoint)>, Vec<Error>)> {
+pub fn load_newest(dir: &Path) -> Result<Newest> {
     let mut skipped = Vec::new();
     for (_, path) in list(dir)?.into_iter().rev() {
         match load(&path) {
-            Ok(checkpoint) => return Ok((Some((path, checkpoint)), skipped)),
+            Ok(checkpoint) => {
+                return Ok(Newest {
+                    found: Some((path, checkpoint)),
+                    skipped,
+                });
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "skipping unreadable checkpoint");
                 skipped.push(e);
             }
         }
     }
-    Ok((None, skipped))
+    Ok(Newest { found: None, skipped })
 }
 
 #[cfg(test)]
@@ -320,8 +337,13 @@ mod tests {
                 params: initial_parameters(&g, 2),
                 mean_square: (0..g.numel()).map(|i| i as f32).collect(),
             },
-            batch_norm: (0..layout::batch_norm_stats_len(&spec.model)).map(|i| i as f32 * 0.5).collect(),
-            samplers: vec![SamplerState { epoch: 3, cursor: 7 }, SamplerState { epoch: 2, cursor: 1 }],
+            batch_norm: (0..layout::batch_norm_stats_len(&spec.model))
+                .map(|i| i as f32 * 0.5)
+                .collect(),
+            samplers: vec![
+                SamplerState { epoch: 3, cursor: 7 },
+                SamplerState { epoch: 2, cursor: 1 },
+            ],
             dataset_len: 100,
         }
     }
@@ -364,7 +386,7 @@ mod tests {
         save(&dir.path().join(file_name(10)), &spec, &st).unwrap();
         st.step = 20;
         std::fs::write(dir.path().join(file_name(20)), b"torn").unwrap();
-        let (found, skipped) = load_newest(dir.path()).unwrap();
+        let Newest { found, skipped } = load_newest(dir.path()).unwrap();
         let (path, checkpoint) = found.unwrap();
         assert!(path.ends_with(file_name(10)));
         assert_eq!(checkpoint.state.step, 42);

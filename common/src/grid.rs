@@ -14,7 +14,11 @@ const GAP: u32 = 2;
 /// in a near-square grid.
 pub fn tile(pixels: &[u8], count: usize, size: u32) -> RgbImage {
     let per_image = (size * size * 3) as usize;
-    assert_eq!(pixels.len(), per_image * count, "pixel buffer does not hold {count} images");
+    assert_eq!(
+        pixels.len(),
+        per_image * count,
+        "pixel buffer does not hold {count} images"
+    );
     let columns = (count as f64).sqrt().ceil().max(1.0) as u32;
     let rows = (count as u32).div_ceil(columns).max(1);
     let width = columns * size + (columns + 1) * GAP;
@@ -45,7 +49,10 @@ pub fn save_png(path: &Path, image: &RgbImage) -> Result<()> {
 
 /// Converts values in [0, 1] to bytes, rounding to nearest.
 pub fn unit_to_u8(values: &[f32]) -> Vec<u8> {
-    values.iter().map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8).collect()
+    values
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
 }
 
 #[cfg(test)]

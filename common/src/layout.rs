@@ -210,7 +210,10 @@ pub fn generator_layout(model: &ModelSpec) -> NetLayout {
 /// processes lay out every buffer the same way.
 pub fn fingerprint(model: &ModelSpec, image_size: usize) -> u64 {
     let mut text = String::new();
-    for (net, layout) in [("d", discriminator_layout(model, image_size)), ("g", generator_layout(model))] {
+    for (net, layout) in [
+        ("d", discriminator_layout(model, image_size)),
+        ("g", generator_layout(model)),
+    ] {
         for p in layout.params() {
             text.push_str(&format!("{net}/{}:{:?};", p.name, p.shape));
         }

@@ -30,7 +30,11 @@ impl RmsProp {
     /// Applies one update to `params` in place from the cluster-averaged `grads`.
     pub fn apply(&self, params: &mut [f32], mean_square: &mut [f32], grads: &[f32]) {
         assert_eq!(params.len(), grads.len(), "gradient length differs from parameters");
-        assert_eq!(params.len(), mean_square.len(), "optimizer state length differs from parameters");
+        assert_eq!(
+            params.len(),
+            mean_square.len(),
+            "optimizer state length differs from parameters"
+        );
         let keep = 1.0 - self.decay;
         for ((w, ms), &grad) in params.iter_mut().zip(mean_square.iter_mut()).zip(grads) {
             let g = grad + self.l2 * *w;
@@ -106,7 +110,10 @@ mod tests {
     #[test]
     fn zero_gradient_still_decays_weights_through_l2() {
         // g = 0 + 0.1 * 3 = 0.3; ms = 1 + (0.09 - 1) * 0.1 = 0.909; w = 3 - 0.01 * 0.3 / sqrt(0.909)
-        let opt = RmsProp { l2: 0.1, ..article(0.01) };
+        let opt = RmsProp {
+            l2: 0.1,
+            ..article(0.01)
+        };
         let mut w = [3.0f32];
         let mut ms = initial_mean_square(1);
         opt.apply(&mut w, &mut ms, &[0.0]);

@@ -13,7 +13,10 @@ use crate::seeds::{self, Stream};
 pub fn assign_shards(n_items: usize, workers: usize, seed: u64) -> Vec<Vec<u32>> {
     assert!(workers >= 1, "at least one worker");
     let mut all: Vec<u32> = (0..n_items as u32).collect();
-    shuffle(&mut all, seeds::derive(seed, Stream::Shards, &[n_items as u64, workers as u64]));
+    shuffle(
+        &mut all,
+        seeds::derive(seed, Stream::Shards, &[n_items as u64, workers as u64]),
+    );
     let base = n_items / workers;
     let extra = n_items % workers;
     let mut shards = Vec::with_capacity(workers);

@@ -287,7 +287,7 @@ impl JobSpec {
         );
         let size = self.data.image_size;
         check(
-            size >= 8 && size % 4 == 0,
+            size >= 8 && size.is_multiple_of(4),
             "data.image_size",
             format!("expected a multiple of 4 of at least 8, found {size}"),
         );
@@ -296,7 +296,10 @@ impl JobSpec {
             "model.noise_dim",
             "expected at least 1, found 0".into(),
         );
-        for (field, filters) in [("model.d_filters", &self.model.d_filters), ("model.g_filters", &self.model.g_filters)] {
+        for (field, filters) in [
+            ("model.d_filters", &self.model.d_filters),
+            ("model.g_filters", &self.model.g_filters),
+        ] {
             check(
                 filters.len() == 3 && filters.iter().all(|&f| f >= 1),
                 field,
@@ -418,7 +421,13 @@ mod tests {
         let fields: Vec<_> = problems.iter().map(|p| p.field).collect();
         assert_eq!(
             fields,
-            vec!["model.d_filters", "model.dropout", "train.steps", "train.lr_g", "checkpoint.every"]
+            vec![
+                "model.d_filters",
+                "model.dropout",
+                "train.steps",
+                "train.lr_g",
+                "checkpoint.every"
+            ]
         );
     }
 

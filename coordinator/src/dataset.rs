@@ -94,7 +94,9 @@ pub fn prepare_image(path: &Path, size: u32) -> std::result::Result<Vec<u8>, Str
 /// Loads the dataset, decoding on every core.
 pub fn load(dir: &Path, size: u32, limit: usize) -> Result<PreparedDataset> {
     let files = list_images(dir, limit)?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(files.len().max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len().max(1));
     let per_thread = files.len().div_ceil(threads.max(1)).max(1);
     let results: Vec<std::result::Result<Vec<u8>, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = files

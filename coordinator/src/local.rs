@@ -23,7 +23,8 @@ pub struct LocalWorkers {
 impl LocalWorkers {
     /// The worker binary installed beside the running coordinator.
     pub fn default_binary() -> Result<PathBuf> {
-        let exe = std::env::current_exe().map_err(|e| CoordinatorError::io("failed to find the coordinator's own path", e))?;
+        let exe = std::env::current_exe()
+            .map_err(|e| CoordinatorError::io("failed to find the coordinator's own path", e))?;
         Ok(exe.with_file_name("forger-worker"))
     }
 }
@@ -49,7 +50,12 @@ impl LocalCluster {
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(|e| CoordinatorError::io(format!("failed to start local worker {} from {}", i, config.binary.display()), e))?;
+                .map_err(|e| {
+                    CoordinatorError::io(
+                        format!("failed to start local worker {} from {}", i, config.binary.display()),
+                        e,
+                    )
+                })?;
             info!(worker = i, pid = child.id(), "started local worker");
             children.push(child);
         }
@@ -85,11 +91,17 @@ impl LocalCluster {
         for (i, child) in self.children.iter_mut().enumerate() {
             match tokio::time::timeout(timeout, child.wait()).await {
                 Ok(Ok(status)) if status.success() => {}
-                Ok(Ok(status)) => return Err(CoordinatorError::Refused(format!("local worker {i} exited with {status}"))),
+                Ok(Ok(status)) => {
+                    return Err(CoordinatorError::Refused(format!(
+                        "local worker {i} exited with {status}"
+                    )));
+                }
                 Ok(Err(e)) => return Err(CoordinatorError::io(format!("failed to wait for local worker {i}"), e)),
                 Err(_) => {
                     let _ = child.kill().await;
-                    return Err(CoordinatorError::Refused(format!("local worker {i} did not exit; killed it")));
+                    return Err(CoordinatorError::Refused(format!(
+                        "local worker {i} did not exit; killed it"
+                    )));
                 }
             }
         }

@@ -49,7 +49,13 @@ impl Peers {
                 .ok_or_else(|| CoordinatorError::Refused("the service stopped".into()))?;
             match event {
                 Inbound::Connected { worker, outbound } => {
-                    info!(worker = worker.id, rank = worker.rank, connected = peers.len() + 1, expected, "worker ready");
+                    info!(
+                        worker = worker.id,
+                        rank = worker.rank,
+                        connected = peers.len() + 1,
+                        expected,
+                        "worker ready"
+                    );
                     peers.push(Peer { info: worker, outbound });
                 }
                 Inbound::Closed { worker, reason } => {
@@ -109,7 +115,13 @@ impl Peers {
     }
 
     /// Sends to one rank.
-    pub async fn send(&self, rank: usize, message: pb::CoordinatorMessage, step: u64, phase: &'static str) -> Result<()> {
+    pub async fn send(
+        &self,
+        rank: usize,
+        message: pb::CoordinatorMessage,
+        step: u64,
+        phase: &'static str,
+    ) -> Result<()> {
         self.peers[rank]
             .outbound
             .send(Ok(message))
@@ -164,7 +176,10 @@ impl Peers {
                         rank,
                         step,
                         phase,
-                        format!("no answer within {} s (ranks still owed: {waiting_on:?})", self.phase_timeout.as_secs()),
+                        format!(
+                            "no answer within {} s (ranks still owed: {waiting_on:?})",
+                            self.phase_timeout.as_secs()
+                        ),
                     ));
                 }
             };

@@ -68,7 +68,7 @@ impl Upload {
                 found: offset,
             });
         }
-        if bytes.len() % 4 != 0 {
+        if !bytes.len().is_multiple_of(4) {
             return Err(ChunkError::Misaligned);
         }
         let count = bytes.len() / 4;
@@ -136,7 +136,10 @@ mod tests {
             upload.accept(1, &bytes(&[1.0]), false),
             Err(ChunkError::OutOfOrder { expected: 0, found: 1 })
         );
-        assert_eq!(upload.accept(0, &bytes(&[0.0; 5]), true), Err(ChunkError::TooLong { len: 4 }));
+        assert_eq!(
+            upload.accept(0, &bytes(&[0.0; 5]), true),
+            Err(ChunkError::TooLong { len: 4 })
+        );
         assert_eq!(upload.accept(0, &[0, 0, 0], false), Err(ChunkError::Misaligned));
         assert_eq!(
             upload.accept(0, &bytes(&[1.0]), true),

@@ -47,7 +47,11 @@ const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the job to its last step. `shutdown` resolving makes the run finish the current step,
 /// checkpoint and stop.
-pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<RunSummary> {
+pub async fn serve(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary> {
     let ServeConfig {
         spec,
         run_dir,
@@ -112,7 +116,9 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
             Duration::from_secs(spec.cluster.step_timeout_secs),
         )
         .await?;
-        Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop).run().await
+        Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop)
+            .run()
+            .await
     };
     let result = match local.as_mut() {
         Some(cluster) => tokio::select! {
@@ -139,12 +145,13 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
 
 /// A fresh state, or the newest checkpoint's when resuming.
 fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<TrainingState> {
-    let (newest, skipped) = checkpoint::load_newest(&run.checkpoints())?;
+    let checkpoint::Newest { found: newest, skipped } = checkpoint::load_newest(&run.checkpoints())?;
     if !resume {
         if newest.is_some() || !skipped.is_empty() {
             return Err(CoordinatorError::RunDir {
                 path: run.root().to_path_buf(),
-                message: "already holds checkpoints; pass --resume to continue that run, or choose another --out".into(),
+                message: "already holds checkpoints; pass --resume to continue that run, or choose another --out"
+                    .into(),
             });
         }
         return Ok(fresh_state(spec));
@@ -254,7 +261,11 @@ fn samplers_for(spec: &JobSpec, state: &TrainingState, dataset_len: usize, shard
         .iter()
         .enumerate()
         .map(|(rank, shard)| {
-            let position = if same_data { state.samplers[rank] } else { SamplerState::default() };
+            let position = if same_data {
+                state.samplers[rank]
+            } else {
+                SamplerState::default()
+            };
             BatchSampler::new(spec.train.seed, rank as u32, shard.clone(), position)
         })
         .collect()

@@ -18,13 +18,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use forger_common::balance::{StepPlan, decide_balance};
 use forger_common::checkpoint::{self, NetState, TrainingState};
+use forger_common::grid;
 use forger_common::layout::{self, BATCH_NORM_DECAY};
 use forger_common::rmsprop::{RmsProp, update_moving_average};
 use forger_common::sampler::BatchSampler;
 use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
-use forger_common::grid;
 use forger_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
 use tracing::{info, warn};
 
@@ -32,7 +32,6 @@ use crate::error::Result;
 use crate::peers::Peers;
 use crate::reduce::{Upload, weighted_average};
 use crate::run_dir::{MetricsLog, RunDir, StepRecord};
-
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -150,7 +149,11 @@ impl Trainer {
         let result = self.run_steps().await;
         match &result {
             Ok(summary) => {
-                let reason = if summary.interrupted { "the run was stopped" } else { "the run is complete" };
+                let reason = if summary.interrupted {
+                    "the run was stopped"
+                } else {
+                    "the run is complete"
+                };
                 self.peers.shutdown(reason).await;
             }
             Err(e) => {
@@ -192,7 +195,7 @@ impl Trainer {
                 "step complete"
             );
             self.metrics.append(&record)?;
-            if step % self.spec.checkpoint.every == 0 || step == steps {
+            if step.is_multiple_of(self.spec.checkpoint.every) || step == steps {
                 self.checkpoint_with_samples(step).await?;
             }
         }
@@ -231,7 +234,7 @@ impl Trainer {
         let started = Instant::now();
         let batch = self.spec.train.batch_size as usize;
         let every = self.spec.train.check_params_every;
-        let check_params = every > 0 && step % every == 0;
+        let check_params = every > 0 && step.is_multiple_of(every);
         for rank in 0..self.peers.len() {
             let indices = self.samplers[rank].next_batch(batch);
             let message = pb::CoordinatorMessage {
@@ -289,7 +292,9 @@ impl Trainer {
             match kind {
                 In::Losses(l) if l.step == step && got[rank].is_none() => {
                     if l.samples == 0 {
-                        return Err(self.peers.fault(rank, step, "evaluate", "reported losses over zero samples"));
+                        return Err(self
+                            .peers
+                            .fault(rank, step, "evaluate", "reported losses over zero samples"));
                     }
                     got[rank] = Some(l);
                 }
@@ -332,7 +337,12 @@ impl Trainer {
             In::Samples(s) => format!("samples for step {}", s.step),
             In::Failure(_) => "a failure".to_string(),
         };
-        self.peers.fault(rank, step, phase, format!("sent {what}, which this phase does not expect"))
+        self.peers.fault(
+            rank,
+            step,
+            phase,
+            format!("sent {what}, which this phase does not expect"),
+        )
     }
 
     /// Gathers one network's gradients, averages them, applies the update and broadcasts.
@@ -398,10 +408,15 @@ impl Trainer {
             slot.undo = Some(master.clone());
             let contributions: Vec<(&[f32], u32)> = slot.uploads.iter().map(|u| (u.values(), u.samples)).collect();
             weighted_average(&contributions, &mut slot.average);
-            slot.optimizer.apply(&mut master.params, &mut master.mean_square, &slot.average);
+            slot.optimizer
+                .apply(&mut master.params, &mut master.mean_square, &slot.average);
             // Every phase ran the generator in training mode, as each TF1 update op did, so
             // each updates the running statistics with the cluster's batch statistics.
-            let stats: Vec<(&[f32], u32)> = slot.uploads.iter().map(|u| (u.bn_stats.as_slice(), u.samples)).collect();
+            let stats: Vec<(&[f32], u32)> = slot
+                .uploads
+                .iter()
+                .map(|u| (u.bn_stats.as_slice(), u.samples))
+                .collect();
             let mut mean_stats = vec![0.0; batch_norm.len()];
             weighted_average(&stats, &mut mean_stats);
             update_moving_average(batch_norm, &mean_stats, BATCH_NORM_DECAY);
@@ -429,7 +444,10 @@ impl Trainer {
         tokio::task::block_in_place(|| checkpoint::save(&path, &self.spec, &self.state))?;
         self.metrics.sync()?;
         self.last_checkpoint = step;
-        let existing: Vec<u64> = checkpoint::list(&self.run.checkpoints())?.into_iter().map(|(s, _)| s).collect();
+        let existing: Vec<u64> = checkpoint::list(&self.run.checkpoints())?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         for old in checkpoint::checkpoints_to_delete(&existing, self.spec.checkpoint.keep) {
             let old_path = self.run.checkpoint(old);
             if let Err(e) = std::fs::remove_file(&old_path)
@@ -460,7 +478,9 @@ impl Trainer {
             In::Samples(s) if rank == 0 && s.step == step => {
                 let expected = (count * size * size * 3) as usize;
                 if s.count != count || s.image_size != size || s.pixels.len() != expected {
-                    return Err(self.peers.fault(rank, step, "sample", "sent a sample batch of the wrong size"));
+                    return Err(self
+                        .peers
+                        .fault(rank, step, "sample", "sent a sample batch of the wrong size"));
                 }
                 let path = self.run.sample_grid(step);
                 let image = grid::tile(&s.pixels, count as usize, size);
@@ -474,7 +494,12 @@ impl Trainer {
 
 /// A network's parameters as chunked messages; the final one carries the batch-norm running
 /// statistics.
-pub fn params_messages(step: u64, network: pb::Network, values: &[f32], batch_norm: &[f32]) -> Vec<pb::CoordinatorMessage> {
+pub fn params_messages(
+    step: u64,
+    network: pb::Network,
+    values: &[f32],
+    batch_norm: &[f32],
+) -> Vec<pb::CoordinatorMessage> {
     let mut bytes = Vec::new();
     wire::f32_to_le_bytes(values, &mut bytes);
     let bytes = Bytes::from(bytes);

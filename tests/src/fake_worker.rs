@@ -7,7 +7,9 @@ use forger_common::layout;
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::PROTOCOL_VERSION;
-use forger_proto::pb::{self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In, worker_message::Kind as Out};
+use forger_proto::pb::{
+    self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In, worker_message::Kind as Out,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -60,7 +62,11 @@ impl FakeWorker {
             })
             .await
             .unwrap();
-        let inbound = client.session(ReceiverStream::new(rx)).await.expect("session").into_inner();
+        let inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .expect("session")
+            .into_inner();
         FakeWorker {
             rank: reply.rank,
             spec,

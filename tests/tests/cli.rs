@@ -6,7 +6,11 @@ use std::process::Command;
 use forger_tests::{binary, metric_lines, shared_faces};
 
 fn dynamic_section(path: &std::path::Path) -> String {
-    let out = Command::new("readelf").arg("-d").arg(path).output().expect("readelf (binutils) is installed");
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(path)
+        .output()
+        .expect("readelf (binutils) is installed");
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
@@ -32,14 +36,21 @@ fn the_worker_links_libtorch_cuda_whenever_libtorch_has_it() {
         eprintln!("libtorch at {runpath} has no CUDA; nothing to check");
     }
     // The worker starts and reports its version with no LD_LIBRARY_PATH.
-    let out = Command::new(&worker).arg("--version").env_remove("LD_LIBRARY_PATH").output().unwrap();
+    let out = Command::new(&worker)
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
 fn the_coordinator_does_not_link_libtorch() {
     let section = dynamic_section(&binary("forger-coordinator"));
-    assert!(!section.contains("libtorch"), "the coordinator must stay free of libtorch:\n{section}");
+    assert!(
+        !section.contains("libtorch"),
+        "the coordinator must stay free of libtorch:\n{section}"
+    );
 }
 
 #[test]
@@ -86,7 +97,13 @@ fn a_bad_spec_exits_2_naming_every_field_and_writes_nothing() {
     assert!(!out_dir.exists(), "nothing is written for a bad spec");
 
     std::fs::write(&spec, "version = 1\n[data]\npath = \"x\"\n[trian]\nsteps = 3\n").unwrap();
-    let out = Command::new(binary("forger-coordinator")).arg("--spec").arg(&spec).arg("--out").arg(&out_dir).output().unwrap();
+    let out = Command::new(binary("forger-coordinator"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("trian"));
 }
@@ -108,7 +125,10 @@ fn an_empty_dataset_is_refused_before_any_worker_starts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("fewer than one batch") && stderr.contains("empty"), "{stderr}");
+    assert!(
+        stderr.contains("fewer than one batch") && stderr.contains("empty"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("started local worker"), "{stderr}");
 }
 
@@ -130,7 +150,14 @@ fn the_main_command_trains_with_local_workers() {
         .arg(shared_faces())
         .arg("--out")
         .arg(&run)
-        .args(["--listen", "127.0.0.1:0", "--local-workers", "2", "--local-worker-threads", "1"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--local-workers",
+            "2",
+            "--local-worker-threads",
+            "1",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

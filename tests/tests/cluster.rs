@@ -45,7 +45,8 @@ async fn two_workers_train_checkpoint_and_resume_bit_exactly() {
         .collect();
     assert_eq!(checkpoints, vec![5, 10, 15, 20]);
     for step in [5, 10, 15, 20] {
-        let grid = image::open(straight.path().join(format!("samples/step-{step:08}.png"))).expect("sample grid decodes");
+        let grid =
+            image::open(straight.path().join(format!("samples/step-{step:08}.png"))).expect("sample grid decodes");
         // 16 samples of 40 px in a 4x4 grid with 2 px gaps.
         assert_eq!((grid.width(), grid.height()), (4 * 40 + 5 * 2, 4 * 40 + 5 * 2));
     }
@@ -72,11 +73,20 @@ async fn two_workers_train_checkpoint_and_resume_bit_exactly() {
     assert_eq!(train(split.path(), 20, true).await, 20);
     let a = checkpoint::load(&straight.path().join("checkpoints/step-00000020.safetensors")).unwrap();
     let b = checkpoint::load(&split.path().join("checkpoints/step-00000020.safetensors")).unwrap();
-    assert!(a.state.discriminator == b.state.discriminator, "discriminator and its optimizer state match");
-    assert!(a.state.generator == b.state.generator, "generator and its optimizer state match");
+    assert!(
+        a.state.discriminator == b.state.discriminator,
+        "discriminator and its optimizer state match"
+    );
+    assert!(
+        a.state.generator == b.state.generator,
+        "generator and its optimizer state match"
+    );
     assert_eq!(a.state.batch_norm, b.state.batch_norm);
     assert_eq!(a.state.samplers, b.state.samplers);
-    assert_eq!(metrics_without_time(straight.path()), metrics_without_time(split.path()));
+    assert_eq!(
+        metrics_without_time(straight.path()),
+        metrics_without_time(split.path())
+    );
 
     // A finished run refuses to be overwritten without --resume.
     let spec = small_spec(&shared_faces(), 20, 2);
@@ -87,7 +97,16 @@ async fn two_workers_train_checkpoint_and_resume_bit_exactly() {
     // The generate command draws faces from the final checkpoint.
     let out = straight.path().join("generated.png");
     let status = Command::new(binary("forger-worker"))
-        .args(["generate", "--count", "9", "--seed", "3", "--device", "cpu", "--checkpoint"])
+        .args([
+            "generate",
+            "--count",
+            "9",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--checkpoint",
+        ])
         .arg(straight.path().join("checkpoints/step-00000020.safetensors"))
         .arg("--out")
         .arg(&out)

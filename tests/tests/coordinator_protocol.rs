@@ -36,7 +36,9 @@ fn pseudo_random(seed: u64, len: usize) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((state % 7) as i32 - 3)
         })
         .collect()
@@ -66,11 +68,17 @@ async fn receive_initial(workers: &mut [FakeWorker]) -> Replicas {
     for w in workers.iter_mut() {
         let (net_d, step_d, d, _) = w.recv_params().await;
         let (net_g, step_g, g, bn) = w.recv_params().await;
-        assert_eq!((net_d, net_g, step_d, step_g), (pb::Network::Discriminator, pb::Network::Generator, 0, 0));
+        assert_eq!(
+            (net_d, net_g, step_d, step_g),
+            (pb::Network::Discriminator, pb::Network::Generator, 0, 0)
+        );
         assert_eq!((d.len(), g.len(), bn.len()), (w.d_len(), w.g_len(), w.bn_len()));
         match &first {
             None => first = Some(Replicas { d, g, bn }),
-            Some(r) => assert!(r.d == d && r.g == g && r.bn == bn, "every worker starts from the same parameters"),
+            Some(r) => assert!(
+                r.d == d && r.g == g && r.bn == bn,
+                "every worker starts from the same parameters"
+            ),
         }
     }
     first.unwrap()
@@ -79,10 +87,15 @@ async fn receive_initial(workers: &mut [FakeWorker]) -> Replicas {
 async fn evaluate(workers: &mut [FakeWorker], step: u64, sums: (f64, f64, f64), replicas: &Replicas) {
     let crc = wire::crc32_of(&[&replicas.d, &replicas.g, &replicas.bn]);
     for w in workers.iter_mut() {
-        let In::Evaluate(e) = w.recv().await else { panic!("expected Evaluate") };
+        let In::Evaluate(e) = w.recv().await else {
+            panic!("expected Evaluate")
+        };
         assert_eq!(e.step, step);
         assert_eq!(e.batch.len(), 2);
-        assert!(e.batch.iter().all(|i| w.shard.contains(i)), "batches come from the worker's own shard");
+        assert!(
+            e.batch.iter().all(|i| w.shard.contains(i)),
+            "batches come from the worker's own shard"
+        );
         assert!(e.check_params);
         w.send(Out::Losses(pb::Losses {
             step,
@@ -99,11 +112,16 @@ async fn evaluate(workers: &mut [FakeWorker], step: u64, sums: (f64, f64, f64), 
 async fn expect_plan(workers: &mut [FakeWorker], step: u64) -> (bool, bool) {
     let mut plans = Vec::new();
     for w in workers.iter_mut() {
-        let In::Plan(p) = w.recv().await else { panic!("expected Plan") };
+        let In::Plan(p) = w.recv().await else {
+            panic!("expected Plan")
+        };
         assert_eq!(p.step, step);
         plans.push((p.train_d, p.train_g));
     }
-    assert!(plans.windows(2).all(|p| p[0] == p[1]), "every worker gets the same plan");
+    assert!(
+        plans.windows(2).all(|p| p[0] == p[1]),
+        "every worker gets the same plan"
+    );
     plans[0]
 }
 
@@ -113,30 +131,48 @@ async fn phase(
     workers: &mut [FakeWorker],
     step: u64,
     phase: pb::Phase,
-    params: &mut Vec<f32>,
-    mean_square: &mut Vec<f32>,
-    bn: &mut Vec<f32>,
+    params: &mut [f32],
+    mean_square: &mut [f32],
+    bn: &mut [f32],
     optimizer: RmsProp,
 ) {
     let len = params.len();
     let bn_len = bn.len();
-    let grads: Vec<Vec<f32>> = (0..workers.len()).map(|r| pseudo_random(step * 100 + r as u64 + phase as u64 * 10, len)).collect();
+    let grads: Vec<Vec<f32>> = (0..workers.len())
+        .map(|r| pseudo_random(step * 100 + r as u64 + phase as u64 * 10, len))
+        .collect();
     let stats: Vec<Vec<f32>> = (0..workers.len())
-        .map(|r| pseudo_random(step * 1000 + r as u64, bn_len).iter().map(|v| v.abs()).collect())
+        .map(|r| {
+            pseudo_random(step * 1000 + r as u64, bn_len)
+                .iter()
+                .map(|v| v.abs())
+                .collect()
+        })
         .collect();
     for (w, (g, s)) in workers.iter().zip(grads.iter().zip(&stats)) {
         w.upload(step, phase, g, 2, s.clone()).await;
     }
     let mean = rank_order_mean(&grads, &[2, 2, 2]);
     let reversed: Vec<Vec<f32>> = grads.iter().rev().cloned().collect();
-    assert_ne!(mean, rank_order_mean(&reversed, &[2, 2, 2]), "the test values are order-sensitive");
+    assert_ne!(
+        mean,
+        rank_order_mean(&reversed, &[2, 2, 2]),
+        "the test values are order-sensitive"
+    );
     optimizer.apply(params, mean_square, &mean);
     update_moving_average(bn, &rank_order_mean(&stats, &[2, 2, 2]), 0.9);
-    let network = if phase == pb::Phase::Discriminator { pb::Network::Discriminator } else { pb::Network::Generator };
+    let network = if phase == pb::Phase::Discriminator {
+        pb::Network::Discriminator
+    } else {
+        pb::Network::Generator
+    };
     for w in workers.iter_mut() {
         let (net, at, values, running) = w.recv_params().await;
         assert_eq!((net, at), (network, step));
-        assert!(values == *params, "broadcast parameters equal TF1 RMSProp on the rank-order mean, bit for bit");
+        assert!(
+            values == *params,
+            "broadcast parameters equal TF1 RMSProp on the rank-order mean, bit for bit"
+        );
         assert_eq!(&running, bn);
     }
 }
@@ -169,18 +205,53 @@ async fn averages_in_rank_order_updates_exactly_and_follows_the_balance() {
 
     // Step 1: loss_d = 0.7, loss_g = 0.8: both train.
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
-    assert_eq!(decide_balance(0.7, 0.8, 1.35), forger_common::balance::StepPlan { train_d: true, train_g: true });
+    assert_eq!(
+        decide_balance(0.7, 0.8, 1.35),
+        forger_common::balance::StepPlan {
+            train_d: true,
+            train_g: true
+        }
+    );
     assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
-    phase(&mut workers, 1, pb::Phase::Discriminator, &mut replicas.d, &mut ms_d, &mut replicas.bn, opt(spec.train.lr_d)).await;
-    phase(&mut workers, 1, pb::Phase::Generator, &mut replicas.g, &mut ms_g, &mut replicas.bn, opt(spec.train.lr_g)).await;
+    phase(
+        &mut workers,
+        1,
+        pb::Phase::Discriminator,
+        &mut replicas.d,
+        &mut ms_d,
+        &mut replicas.bn,
+        opt(spec.train.lr_d),
+    )
+    .await;
+    phase(
+        &mut workers,
+        1,
+        pb::Phase::Generator,
+        &mut replicas.g,
+        &mut ms_g,
+        &mut replicas.bn,
+        opt(spec.train.lr_g),
+    )
+    .await;
 
     // Step 2: loss_d = 1.0, loss_g = 0.5: the generator is far ahead and sits out.
     evaluate(&mut workers, 2, (2.0, 2.0, 1.0), &replicas).await;
     assert_eq!(expect_plan(&mut workers, 2).await, (true, false));
-    phase(&mut workers, 2, pb::Phase::Discriminator, &mut replicas.d, &mut ms_d, &mut replicas.bn, opt(spec.train.lr_d)).await;
+    phase(
+        &mut workers,
+        2,
+        pb::Phase::Discriminator,
+        &mut replicas.d,
+        &mut ms_d,
+        &mut replicas.bn,
+        opt(spec.train.lr_d),
+    )
+    .await;
 
     // The last step is checkpointed with a sample grid drawn by rank 0.
-    let In::Sample(request) = workers[0].recv().await else { panic!("expected a sample request") };
+    let In::Sample(request) = workers[0].recv().await else {
+        panic!("expected a sample request")
+    };
     assert_eq!((request.step, request.count), (2, 4));
     workers[0]
         .send(Out::Samples(pb::Samples {
@@ -193,7 +264,10 @@ async fn averages_in_rank_order_updates_exactly_and_follows_the_balance() {
     for w in workers.iter_mut() {
         assert!(matches!(w.recv().await, In::Shutdown(_)));
     }
-    let summary = coordinator.finish(Duration::from_secs(30)).await.expect("the run succeeds");
+    let summary = coordinator
+        .finish(Duration::from_secs(30))
+        .await
+        .expect("the run succeeds");
     assert_eq!(summary.step, 2);
 
     let metrics = metric_lines(run.path());
@@ -220,7 +294,10 @@ async fn a_drifted_replica_stops_the_run_naming_the_worker() {
     let run = tempfile::tempdir().unwrap();
     tiny_dataset(data.path());
     let coordinator = TestCoordinator::start(tiny_spec(data.path(), 2, 3), run.path(), false, None).await;
-    let mut workers = vec![FakeWorker::join(&coordinator.url()).await, FakeWorker::join(&coordinator.url()).await];
+    let mut workers = vec![
+        FakeWorker::join(&coordinator.url()).await,
+        FakeWorker::join(&coordinator.url()).await,
+    ];
     let mut replicas = receive_initial(&mut workers).await;
     // Rank 1 claims parameters that differ in one value.
     replicas.g[0] += 1.0;
@@ -228,7 +305,9 @@ async fn a_drifted_replica_stops_the_run_naming_the_worker() {
     replicas.g[0] -= 1.0;
     let crc_good = wire::crc32_of(&[&replicas.d, &replicas.g, &replicas.bn]);
     for (w, crc) in workers.iter_mut().zip([crc_good, crc_bad]) {
-        let In::Evaluate(_) = w.recv().await else { panic!("expected Evaluate") };
+        let In::Evaluate(_) = w.recv().await else {
+            panic!("expected Evaluate")
+        };
         w.send(Out::Losses(pb::Losses {
             step: 1,
             samples: 2,
@@ -239,8 +318,15 @@ async fn a_drifted_replica_stops_the_run_naming_the_worker() {
         }))
         .await;
     }
-    let err = coordinator.finish(Duration::from_secs(30)).await.unwrap_err().to_string();
-    assert!(err.contains("worker 2") && err.contains("step 1") && err.contains("drifted"), "{err}");
+    let err = coordinator
+        .finish(Duration::from_secs(30))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("worker 2") && err.contains("step 1") && err.contains("drifted"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,8 +342,15 @@ async fn a_gradient_of_the_wrong_length_is_refused_naming_the_worker() {
     let short = vec![0.0f32; workers[0].d_len() - 1];
     let bn = vec![1.0; workers[0].bn_len()];
     workers[0].upload(1, pb::Phase::Discriminator, &short, 2, bn).await;
-    let err = coordinator.finish(Duration::from_secs(30)).await.unwrap_err().to_string();
-    assert!(err.contains("worker 1") && err.contains("discriminator") && err.contains("ended after"), "{err}");
+    let err = coordinator
+        .finish(Duration::from_secs(30))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("worker 1") && err.contains("discriminator") && err.contains("ended after"),
+        "{err}"
+    );
     // Nothing was completed, so nothing was checkpointed; the run directory is still usable.
     assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
 }
@@ -269,7 +362,9 @@ async fn a_worker_beyond_the_spec_is_refused_at_join() {
     tiny_dataset(data.path());
     let coordinator = TestCoordinator::start(tiny_spec(data.path(), 1, 1), run.path(), false, None).await;
     let _first = FakeWorker::join(&coordinator.url()).await;
-    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url()).await.unwrap();
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
+        .await
+        .unwrap();
     let status = client
         .join(pb::JoinRequest {
             protocol_version: forger_proto::PROTOCOL_VERSION,

@@ -97,7 +97,11 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
                     break Ok(());
                 }
             }
-            Ok(None) => break Err(WorkerError::Protocol("the coordinator closed the session without a shutdown".into())),
+            Ok(None) => {
+                break Err(WorkerError::Protocol(
+                    "the coordinator closed the session without a shutdown".into(),
+                ));
+            }
             Err(status) => break Err(WorkerError::Status(status)),
         }
     };

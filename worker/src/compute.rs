@@ -155,7 +155,10 @@ impl Worker {
         }
         let download = self.download.take().expect("download in progress");
         if download.received != len {
-            return Err(WorkerError::Protocol(format!("{net} download ended at {} of {len} values", download.received)));
+            return Err(WorkerError::Protocol(format!(
+                "{net} download ended at {} of {len} values",
+                download.received
+            )));
         }
         self.replica.set_params(net, &download.values)?;
         self.replica.set_batch_norm_running(&chunk.bn_running_stats)?;
@@ -175,10 +178,9 @@ impl Worker {
             .batch
             .iter()
             .map(|i| {
-                self.positions
-                    .get(i)
-                    .copied()
-                    .ok_or_else(|| WorkerError::Protocol(format!("step {step} asks for image {i}, which is not in this shard")))
+                self.positions.get(i).copied().ok_or_else(|| {
+                    WorkerError::Protocol(format!("step {step} asks for image {i}, which is not in this shard"))
+                })
             })
             .collect::<Result<_>>()?;
         let images = self.replica.batch(&self.store, &positions)?;
@@ -186,7 +188,11 @@ impl Worker {
         let seed = seeds::derive(spec.train.seed, Stream::Noise, &[step, u64::from(self.job.rank)]);
         let noise = noise(seed, positions.len(), spec.model.noise_dim as usize, self.job.device)?;
         let sums = self.replica.evaluate(&images, &noise)?;
-        let params_crc32 = if evaluate.check_params { Some(self.replica.params_crc32()?) } else { None };
+        let params_crc32 = if evaluate.check_params {
+            Some(self.replica.params_crc32()?)
+        } else {
+            None
+        };
         self.current = Some(Current {
             step,
             images,
@@ -205,13 +211,18 @@ impl Worker {
 
     fn plan(&mut self, plan: pb::Plan) -> Result<()> {
         let Some(current) = self.current.as_mut().filter(|c| c.step == plan.step) else {
-            return Err(WorkerError::Protocol(format!("a plan for step {} arrived before its Evaluate", plan.step)));
+            return Err(WorkerError::Protocol(format!(
+                "a plan for step {} arrived before its Evaluate",
+                plan.step
+            )));
         };
         current.generator_pending = plan.train_g;
         if plan.train_d {
             let seed = self.dropout_seed(plan.step, DROPOUT_PHASE_D);
             let current = self.current.as_ref().expect("checked above");
-            let contribution = self.replica.discriminator_gradient(&current.images, &current.noise, seed)?;
+            let contribution = self
+                .replica
+                .discriminator_gradient(&current.images, &current.noise, seed)?;
             self.upload(plan.step, pb::Phase::Discriminator, contribution)
             // The G phase follows once the updated D arrives (see `params`).
         } else if plan.train_g {
@@ -232,7 +243,11 @@ impl Worker {
     }
 
     fn dropout_seed(&self, step: u64, phase: u64) -> u64 {
-        seeds::derive(self.job.spec.train.seed, Stream::Dropout, &[step, u64::from(self.job.rank), phase])
+        seeds::derive(
+            self.job.spec.train.seed,
+            Stream::Dropout,
+            &[step, u64::from(self.job.rank), phase],
+        )
     }
 
     fn upload(&self, step: u64, phase: pb::Phase, contribution: Contribution) -> Result<()> {
@@ -256,7 +271,11 @@ impl Worker {
                 values: values.into(),
                 last,
                 samples: if last { samples as u32 } else { 0 },
-                bn_batch_stats: if last { bn_stats.take().unwrap_or_default() } else { Vec::new() },
+                bn_batch_stats: if last {
+                    bn_stats.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
             }))?;
         }
         Ok(())

@@ -15,7 +15,11 @@ pub fn resolve(name: &str) -> Result<Device> {
         ))
     };
     match name {
-        "auto" => Ok(if Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => Ok(if Cuda::is_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
             if Cuda::is_available() {
@@ -26,7 +30,9 @@ pub fn resolve(name: &str) -> Result<Device> {
         }
         other => {
             let Some(index) = other.strip_prefix("cuda:") else {
-                return Err(WorkerError::Device(format!("unknown device `{other}`: use auto, cpu, cuda or cuda:N")));
+                return Err(WorkerError::Device(format!(
+                    "unknown device `{other}`: use auto, cpu, cuda or cuda:N"
+                )));
             };
             let index: usize = index
                 .parse()

@@ -30,17 +30,12 @@ const K: i64 = KERNEL as i64;
 pub fn check_spec(model: &ModelSpec, image_size: usize) -> Result<()> {
     let mut problems = Vec::new();
     if image_size < 8 || !image_size.is_multiple_of(4) {
-        problems.push(format!(
-            "image size {image_size} is not a multiple of 4 of at least 8"
-        ));
+        problems.push(format!("image size {image_size} is not a multiple of 4 of at least 8"));
     }
     if model.noise_dim == 0 {
         problems.push("noise_dim is 0".to_string());
     }
-    for (name, filters) in [
-        ("d_filters", &model.d_filters),
-        ("g_filters", &model.g_filters),
-    ] {
+    for (name, filters) in [("d_filters", &model.d_filters), ("g_filters", &model.g_filters)] {
         if filters.len() != 3 || filters.contains(&0) {
             problems.push(format!("{name} {filters:?} is not three positive counts"));
         }
@@ -97,12 +92,7 @@ pub(crate) fn same_padding(size: i64, stride: i64) -> (i64, i64) {
 }
 
 /// `tf.nn.conv2d(padding='SAME')`: pad explicitly, because libtorch pads both sides equally.
-pub(crate) fn conv2d_same(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    stride: i64,
-) -> Result<Tensor> {
+pub(crate) fn conv2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: i64) -> Result<Tensor> {
     let (_, _, h, w) = x.size4()?;
     let (top, bottom) = same_padding(h, stride);
     let (left, right) = same_padding(w, stride);
@@ -116,25 +106,12 @@ pub(crate) fn conv2d_same(
 /// transposed convolution cropped to `[before, before + out)` on each axis. libtorch's
 /// `padding = before` crops `before` from both ends, which leaves `after - before` surplus
 /// rows and columns at the end (one, for stride 2) to cut off.
-pub(crate) fn conv_transpose2d_same(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    stride: i64,
-) -> Result<Tensor> {
+pub(crate) fn conv_transpose2d_same(x: &Tensor, weight: &Tensor, bias: &Tensor, stride: i64) -> Result<Tensor> {
     let (_, _, h, w) = x.size4()?;
     let (out_h, out_w) = (h * stride, w * stride);
     let (top, _) = same_padding(out_h, stride);
     let (left, _) = same_padding(out_w, stride);
-    let full = x.f_conv_transpose2d(
-        weight,
-        Some(bias),
-        [stride, stride],
-        [top, left],
-        [0, 0],
-        1,
-        [1, 1],
-    )?;
+    let full = x.f_conv_transpose2d(weight, Some(bias), [stride, stride], [top, left], [0, 0], 1, [1, 1])?;
     Ok(full.f_narrow(2, 0, out_h)?.f_narrow(3, 0, out_w)?)
 }
 
@@ -145,11 +122,7 @@ fn lrelu(x: &Tensor) -> Result<Tensor> {
 /// Drops a fraction `p` of the activations (scaling the rest by `1 / (1 - p)`), as
 /// `tf.nn.dropout(keep_prob = 1 - p)`; `p = 0` is inference and draws no random numbers.
 fn dropout(x: Tensor, p: f64) -> Result<Tensor> {
-    if p > 0.0 {
-        Ok(x.f_dropout(p, true)?)
-    } else {
-        Ok(x)
-    }
+    if p > 0.0 { Ok(x.f_dropout(p, true)?) } else { Ok(x) }
 }
 
 /// The discriminator: three 5x5 convolutions (the first with stride 2), a hidden dense layer
@@ -263,22 +236,13 @@ impl Generator {
         self.forward(noise, 0.0, Norm::Running(running), &mut Vec::new())
     }
 
-    fn forward(
-        &self,
-        noise: &Tensor,
-        dropout_p: f64,
-        norm: Norm<'_>,
-        stats: &mut Vec<Tensor>,
-    ) -> Result<Tensor> {
+    fn forward(&self, noise: &Tensor, dropout_p: f64, norm: Norm<'_>, stats: &mut Vec<Tensor>) -> Result<Tensor> {
         let mut offset = 0;
         let mut x = dropout(lrelu(&self.fc.dense(noise)?)?, dropout_p)?;
         x = self.batch_norm(&x, 0, norm, &mut offset, stats)?;
         let seed = [-1, SEED_CHANNELS as i64, SEED_SIDE as i64, SEED_SIDE as i64];
         // R x R^T resizes both axes: exact, differentiable, and a few hundred flops.
-        x = self
-            .resize
-            .f_matmul(&x.f_reshape(seed)?)?
-            .f_matmul(&self.resize_t)?;
+        x = self.resize.f_matmul(&x.f_reshape(seed)?)?.f_matmul(&self.resize_t)?;
         for (layer, stride) in [(0, 2), (1, 2), (2, 1)] {
             let conv = &self.deconv[layer];
             x = conv_transpose2d_same(&x, &conv.weight, &conv.bias, stride)?;
@@ -408,10 +372,7 @@ pub(crate) mod tests {
         assert_eq!(last.double_value(&[0, 0, 19, 19]), 23.0); // tap (2, 2)
         assert_eq!(last.double_value(&[0, 0, 18, 19]), 43.0); // tap (4, 2)
         assert_eq!(last.double_value(&[0, 0, 19, 18]), 25.0); // tap (2, 4)
-        assert_eq!(
-            last.sum(Kind::Double).double_value(&[]),
-            45.0 + 23.0 + 43.0 + 25.0
-        );
+        assert_eq!(last.sum(Kind::Double).double_value(&[]), 45.0 + 23.0 + 43.0 + 25.0);
     }
 
     #[test]
@@ -425,8 +386,7 @@ pub(crate) mod tests {
             let weight = Tensor::randn([3, 2, 5, 5], opts);
             let small = Tensor::randn([2, 3, side, side], opts);
             let big = Tensor::randn([2, 2, stride * side, stride * side], opts);
-            let up =
-                conv_transpose2d_same(&small, &weight, &Tensor::zeros([2], opts), stride).unwrap();
+            let up = conv_transpose2d_same(&small, &weight, &Tensor::zeros([2], opts), stride).unwrap();
             let down = conv2d_same(&big, &weight, &Tensor::zeros([3], opts), stride).unwrap();
             assert_eq!(up.size(), big.size());
             assert_eq!(down.size(), small.size());
@@ -448,17 +408,11 @@ pub(crate) mod tests {
         assert_eq!(row(9), [0.0, 0.0, 0.0, 1.0]); // 3.6 clamps to the last pixel
         let expected = [0.6, 0.4, 0.0, 0.0];
         assert!(
-            row(1)
-                .iter()
-                .zip(expected)
-                .all(|(a, b)| (a - b).abs() < 1e-6),
+            row(1).iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6),
             "{:?}",
             row(1)
         );
-        assert!(
-            m.chunks(4)
-                .all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-6)
-        );
+        assert!(m.chunks(4).all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-6));
     }
 
     #[test]
@@ -481,10 +435,7 @@ pub(crate) mod tests {
         tch::set_num_threads(1);
         for size in [40, 48] {
             let spec = small(4);
-            let (d_store, g_store) = (
-                nn::VarStore::new(Device::Cpu),
-                nn::VarStore::new(Device::Cpu),
-            );
+            let (d_store, g_store) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
             let d = Discriminator::new(&d_store.root(), &spec, size).unwrap();
             let g = Generator::new(&g_store.root(), &spec, size).unwrap();
             let noise = Tensor::rand([5, 16], (Kind::Float, Device::Cpu));
@@ -493,20 +444,14 @@ pub(crate) mod tests {
             assert_eq!(stats.len(), layout::batch_norm_stats_len(&spec));
             assert_eq!(d.forward(&images, 0.5).unwrap().size(), [5, 1]);
             let running = Tensor::ones([stats.len() as i64], (Kind::Float, Device::Cpu));
-            assert_eq!(
-                g.forward_sample(&noise, &running).unwrap().size(),
-                images.size()
-            );
+            assert_eq!(g.forward_sample(&noise, &running).unwrap().size(), images.size());
         }
     }
 
     #[test]
     fn article_model_has_the_article_parameter_counts() {
         let spec = ModelSpec::default();
-        let (d_store, g_store) = (
-            nn::VarStore::new(Device::Cpu),
-            nn::VarStore::new(Device::Cpu),
-        );
+        let (d_store, g_store) = (nn::VarStore::new(Device::Cpu), nn::VarStore::new(Device::Cpu));
         Discriminator::new(&d_store.root(), &spec, 40).unwrap();
         Generator::new(&g_store.root(), &spec, 40).unwrap();
         assert_eq!(numel(&d_store), 4_320_705);
@@ -530,17 +475,12 @@ pub(crate) mod tests {
             .view([1, 4, 1, 1]);
         let x = (Tensor::randn([6, 4, 5, 5], opts) * scales + 7.0).to_kind(Kind::Float);
         let (mut offset, mut stats) = (0, Vec::new());
-        let y = g
-            .batch_norm(&x, 1, Norm::Batch, &mut offset, &mut stats)
-            .unwrap();
+        let y = g.batch_norm(&x, 1, Norm::Batch, &mut offset, &mut stats).unwrap();
         assert_eq!(offset, 8);
         let x64 = x.to_kind(Kind::Double);
         let v_in = values(&x64.var_correction(&[0, 2, 3][..], 0, false));
         let mean_out = values(&y.mean_dim(&[0, 2, 3][..], false, None::<Kind>));
-        let var_out = values(
-            &y.to_kind(Kind::Double)
-                .var_correction(&[0, 2, 3][..], 0, false),
-        );
+        let var_out = values(&y.to_kind(Kind::Double).var_correction(&[0, 2, 3][..], 0, false));
         for c in 0..4 {
             assert!(
                 (mean_out[c] - betas[c]).abs() < 1e-4,
@@ -568,12 +508,8 @@ pub(crate) mod tests {
         let y = g
             .batch_norm(&x, 1, Norm::Running(&running), &mut offset, &mut Vec::new())
             .unwrap();
-        let want = (&x64 - 7.0) / (4.0f64 + BN_EPSILON).sqrt()
-            + Tensor::from_slice(&betas).view([1, 4, 1, 1]);
-        let err = (y.to_kind(Kind::Double) - want)
-            .abs()
-            .max()
-            .double_value(&[]);
+        let want = (&x64 - 7.0) / (4.0f64 + BN_EPSILON).sqrt() + Tensor::from_slice(&betas).view([1, 4, 1, 1]);
+        let err = (y.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
         assert!(err < 1e-5, "{err}");
     }
 }

@@ -87,12 +87,7 @@ impl Replica {
 
     /// [`Replica::new`] with variables of `kind`: `Kind::Double` serves gradient checks.
     /// Buffers in and out stay `f32`.
-    pub fn with_kind(
-        model: &ModelSpec,
-        image_size: usize,
-        device: Device,
-        kind: Kind,
-    ) -> Result<Replica> {
+    pub fn with_kind(model: &ModelSpec, image_size: usize, device: Device, kind: Kind) -> Result<Replica> {
         model::check_spec(model, image_size)?;
         let mut d_store = nn::VarStore::new(device);
         let mut g_store = nn::VarStore::new(device);
@@ -232,11 +227,7 @@ impl Replica {
     /// The generator's gradient on a noise batch in training mode (dropout in both networks,
     /// masks drawn generator first). The discriminator is frozen meanwhile, so its weights
     /// neither collect gradients nor cost their backward convolutions.
-    pub fn generator_gradient(
-        &mut self,
-        noise: &Tensor,
-        dropout_seed: u64,
-    ) -> Result<Contribution> {
+    pub fn generator_gradient(&mut self, noise: &Tensor, dropout_seed: u64) -> Result<Contribution> {
         let noise = self.noise_input(noise, None)?;
         let samples = noise.size()[0] as usize;
         zero_grads(&mut self.g_vars);
@@ -259,10 +250,7 @@ impl Replica {
     pub fn sample(&self, noise: &Tensor) -> Result<Vec<u8>> {
         let noise = self.noise_input(noise, None)?;
         let images = tch::no_grad(|| self.g.forward_sample(&noise, &self.bn_running))?;
-        let hwc = images
-            .f_permute([0, 2, 3, 1])?
-            .f_contiguous()?
-            .f_reshape([-1])?;
+        let hwc = images.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_reshape([-1])?;
         Ok(grid::unit_to_u8(&to_vec(&[hwc])?))
     }
 
@@ -290,18 +278,11 @@ impl Replica {
 
     /// Mean discriminator loss `0.5 * (bce(1, D(x)) + bce(0, D(G(z))))`, with `G(z)` made
     /// without gradients, and the generator's batch statistics.
-    fn discriminator_loss(
-        &self,
-        images: &Tensor,
-        noise: &Tensor,
-        dropout_p: f64,
-    ) -> Result<(Tensor, Vec<f32>)> {
+    fn discriminator_loss(&self, images: &Tensor, noise: &Tensor, dropout_p: f64) -> Result<(Tensor, Vec<f32>)> {
         let (fake, bn_stats) = tch::no_grad(|| self.g.forward_train(noise, dropout_p))?;
         let real_p = self.d.forward(images, dropout_p)?;
         let fake_p = self.d.forward(&fake, dropout_p)?;
-        let per_sample = bce_real(&real_p)?
-            .f_add(&bce_fake(&fake_p)?)?
-            .f_mul_scalar(0.5)?;
+        let per_sample = bce_real(&real_p)?.f_add(&bce_fake(&fake_p)?)?.f_mul_scalar(0.5)?;
         Ok((per_sample.f_mean(None::<Kind>)?, bn_stats))
     }
 
@@ -360,18 +341,12 @@ fn ordered_variables(store: &nn::VarStore, layout: &NetLayout, net: Net) -> Resu
     for i in 0..named.len().max(expected.len()) {
         match (named.get(i), expected.get(i)) {
             (Some((name, _)), Some(spec)) if *name != spec.name => {
-                return mismatch(format!(
-                    "found `{name}` where the layout has `{}`",
-                    spec.name
-                ));
+                return mismatch(format!("found `{name}` where the layout has `{}`", spec.name));
             }
             (Some((name, tensor)), Some(spec)) => {
                 let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
                 if shape != spec.shape {
-                    return mismatch(format!(
-                        "`{name}` has shape {shape:?}, the layout {:?}",
-                        spec.shape
-                    ));
+                    return mismatch(format!("`{name}` has shape {shape:?}, the layout {:?}", spec.shape));
                 }
                 if !tensor.requires_grad() {
                     return mismatch(format!("`{name}` is not trainable"));
@@ -421,11 +396,7 @@ fn gradients(vars: &[Tensor]) -> Result<Vec<f32>> {
         .iter()
         .map(|var| {
             let grad = var.f_grad()?;
-            let grad = if grad.defined() {
-                grad
-            } else {
-                var.f_zeros_like()?
-            };
+            let grad = if grad.defined() { grad } else { var.f_zeros_like()? };
             grad.f_reshape([-1])
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -439,10 +410,7 @@ fn bce_real(p: &Tensor) -> Result<Tensor> {
 
 /// `-ln(1 - p + 1e-12)`: against label 0; `1 - p` first, as TF, so p = 1 gives a finite loss.
 fn bce_fake(p: &Tensor) -> Result<Tensor> {
-    Ok(p.f_rsub_scalar(1.0)?
-        .f_add_scalar(BCE_EPSILON)?
-        .f_log()?
-        .f_neg()?)
+    Ok(p.f_rsub_scalar(1.0)?.f_add_scalar(BCE_EPSILON)?.f_log()?.f_neg()?)
 }
 
 fn sum(t: &Tensor) -> Result<f64> {
@@ -453,18 +421,12 @@ fn check_len(what: &'static str, expected: usize, found: usize) -> Result<()> {
     if expected == found {
         Ok(())
     } else {
-        Err(WorkerError::Length {
-            what,
-            expected,
-            found,
-        })
+        Err(WorkerError::Length { what, expected, found })
     }
 }
 
 fn to_device(values: &[f32], device: Device, kind: Kind) -> Result<Tensor> {
-    Ok(Tensor::f_from_slice(values)?
-        .f_to_device(device)?
-        .f_to_kind(kind)?)
+    Ok(Tensor::f_from_slice(values)?.f_to_device(device)?.f_to_kind(kind)?)
 }
 
 /// Flat tensors, concatenated and copied to the host as f32.
@@ -575,18 +537,12 @@ mod tests {
     fn equal_replicas_give_bit_identical_contributions() {
         let _rng = torch_rng();
         let model = spec([8, 4, 2], 0.5);
-        let (mut a, mut b) = (
-            loaded(&model, 40, Kind::Float),
-            loaded(&model, 40, Kind::Float),
-        );
+        let (mut a, mut b) = (loaded(&model, 40, Kind::Float), loaded(&model, 40, Kind::Float));
         let (x, z) = (images(4, 40), noise(9, 4, 16, Device::Cpu).unwrap());
         let d = a.discriminator_gradient(&x, &z, 77).unwrap();
         assert_eq!(d, b.discriminator_gradient(&x, &z, 77).unwrap());
         assert_eq!(d.samples, 4);
-        assert_eq!(
-            d.gradient.len(),
-            layout::discriminator_layout(&model, 40).numel()
-        );
+        assert_eq!(d.gradient.len(), layout::discriminator_layout(&model, 40).numel());
         assert_eq!(d.bn_stats.len(), layout::batch_norm_stats_len(&model));
         let g = a.generator_gradient(&z, 78).unwrap();
         assert_eq!(g, b.generator_gradient(&z, 78).unwrap());
@@ -608,10 +564,7 @@ mod tests {
         assert_eq!(p1, plain.discriminator_gradient(&x, &z, 2).unwrap());
         let d1 = dropped.discriminator_gradient(&x, &z, 1).unwrap();
         assert_ne!(p1.gradient, d1.gradient);
-        assert_ne!(
-            d1.gradient,
-            dropped.discriminator_gradient(&x, &z, 2).unwrap().gradient
-        );
+        assert_ne!(d1.gradient, dropped.discriminator_gradient(&x, &z, 2).unwrap().gradient);
     }
 
     #[test]
@@ -631,11 +584,7 @@ mod tests {
             )
         });
         let bce = |p: &Tensor, label: f64| {
-            value(&p.binary_cross_entropy::<Tensor>(
-                &p.full_like(label),
-                None,
-                tch::Reduction::Mean,
-            ))
+            value(&p.binary_cross_entropy::<Tensor>(&p.full_like(label), None, tch::Reduction::Mean))
         };
         let close = |a: f64, b: f64| (a - b).abs() < 1e-5 * b.abs().max(1.0);
         assert!(close(sums.sum_d_real / 6.0, bce(&real_p, 1.0)), "{sums:?}");
@@ -645,10 +594,7 @@ mod tests {
         let (xi, zi, _) = replica.inputs(&x, &z).unwrap();
         let (loss_d, _) = tch::no_grad(|| replica.discriminator_loss(&xi, &zi, 0.0)).unwrap();
         let (loss_g, _) = tch::no_grad(|| replica.generator_loss(&zi, 0.0)).unwrap();
-        assert!(close(
-            0.5 * (sums.sum_d_real + sums.sum_d_fake),
-            6.0 * value(&loss_d)
-        ));
+        assert!(close(0.5 * (sums.sum_d_real + sums.sum_d_fake), 6.0 * value(&loss_d)));
         assert!(close(sums.sum_g, 6.0 * value(&loss_g)));
     }
 
@@ -702,11 +648,7 @@ mod tests {
         // Reseeding before each evaluation redraws the very same dropout masks.
         let d_loss = || {
             tch::manual_seed(seed_d as i64);
-            value(
-                &tch::no_grad(|| replica.discriminator_loss(&xi, &zi, 0.5))
-                    .unwrap()
-                    .0,
-            )
+            value(&tch::no_grad(|| replica.discriminator_loss(&xi, &zi, 0.5)).unwrap().0)
         };
         check_gradient(&replica.d_vars, &d.gradient, d_loss);
         let g_loss = || {
@@ -729,10 +671,7 @@ mod tests {
         let expected = grid::unit_to_u8(&[images.double_value(&[n, c, y, x]) as f32])[0];
         assert_eq!(bytes[(((n * 40 + y) * 40 + x) * 3 + c) as usize], expected);
         // With running statistics an image does not depend on the rest of its batch.
-        assert_eq!(
-            replica.sample(&z.narrow(0, 0, 1)).unwrap()[..],
-            bytes[..40 * 40 * 3]
-        );
+        assert_eq!(replica.sample(&z.narrow(0, 0, 1)).unwrap()[..], bytes[..40 * 40 * 3]);
     }
 
     #[test]
