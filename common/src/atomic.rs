@@ -17,7 +17,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Like [`write_atomic`], calling `before_rename` once the temporary file is durable. Tests use
 /// the hook to stop a process at the worst moment.
 pub fn write_atomic_with_hook(path: &Path, bytes: &[u8], before_rename: impl FnOnce()) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name has an empty parent, which names no directory to fsync.
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -54,6 +58,17 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("file.bin")]);
+    }
+
+    #[test]
+    fn a_bare_file_name_writes_into_the_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let previous = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let result = write_atomic(Path::new("bare.png"), b"x");
+        std::env::set_current_dir(previous).unwrap();
+        result.unwrap();
+        assert_eq!(fs::read(dir.path().join("bare.png")).unwrap(), b"x");
     }
 
     #[test]

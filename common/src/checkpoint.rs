@@ -81,9 +81,11 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// Which of the `existing` checkpoint steps to delete so that the newest `keep` remain.
-pub fn checkpoints_to_delete(existing: &[u64], keep: usize) -> Vec<u64> {
-    let mut steps = existing.to_vec();
+/// Which of the `existing` checkpoint steps to delete so that the newest `keep` up to
+/// `current` (the one just written) remain. Files named after later steps are not this run's
+/// (a damaged leftover, say) and are left alone rather than allowed to push out good ones.
+pub fn checkpoints_to_delete(existing: &[u64], current: u64, keep: usize) -> Vec<u64> {
+    let mut steps: Vec<u64> = existing.iter().copied().filter(|&s| s <= current).collect();
     steps.sort_unstable();
     steps.dedup();
     let excess = steps.len().saturating_sub(keep);
@@ -397,7 +399,9 @@ mod tests {
     fn names_parse_and_old_checkpoints_are_pruned() {
         assert_eq!(step_of(&file_name(1234)), Some(1234));
         assert_eq!(step_of("step-12.tmp"), None);
-        assert_eq!(checkpoints_to_delete(&[30, 10, 20, 40], 2), vec![10, 20]);
-        assert_eq!(checkpoints_to_delete(&[10], 3), Vec::<u64>::new());
+        assert_eq!(checkpoints_to_delete(&[30, 10, 20, 40], 40, 2), vec![10, 20]);
+        assert_eq!(checkpoints_to_delete(&[10], 10, 3), Vec::<u64>::new());
+        // A leftover named after a later step never pushes out the one just written.
+        assert_eq!(checkpoints_to_delete(&[40, 50, 99_999_999], 50, 1), vec![40]);
     }
 }

@@ -3,13 +3,13 @@ use std::path::PathBuf;
 /// Errors of the shared forger library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{action} {path}: {source}")]
+    /// A file could not be read or written. The cause is part of the message (not a
+    /// `source`), so error chains do not print it twice.
+    #[error("{action} {path}: {cause}")]
     File {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The job spec is not valid TOML or does not match the schema.
     #[error("invalid job spec {origin}: {message}")]
@@ -27,12 +27,8 @@ pub enum Error {
     #[error("checkpoint {path} does not fit this job: {message}")]
     CheckpointMismatch { path: PathBuf, message: String },
     /// An image could not be encoded.
-    #[error("failed to encode {path}: {source}")]
-    Image {
-        path: PathBuf,
-        #[source]
-        source: image::ImageError,
-    },
+    #[error("failed to encode {path}: {cause}")]
+    Image { path: PathBuf, cause: image::ImageError },
 }
 
 /// Result with the shared library's [`Error`].
@@ -43,7 +39,7 @@ impl Error {
         Error::File {
             action,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

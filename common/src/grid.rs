@@ -40,9 +40,9 @@ pub fn save_png(path: &Path, image: &RgbImage) -> Result<()> {
     let mut bytes = Vec::new();
     image
         .write_to(&mut Cursor::new(&mut bytes), ImageFormat::Png)
-        .map_err(|source| Error::Image {
+        .map_err(|cause| Error::Image {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
     crate::atomic::write_atomic(path, &bytes)
 }

@@ -12,6 +12,13 @@ use crate::{Error, Result};
 
 /// The only spec version this build reads.
 pub const SPEC_VERSION: u32 = 1;
+/// The largest image side: the model is made for small images, and one image must fit a
+/// protocol message with room to spare.
+pub const MAX_IMAGE_SIZE: u32 = 512;
+/// Bytes a sample batch may take on the wire (one message; gRPC's limit is 4 MiB).
+const MAX_SAMPLE_BYTES: u64 = 3 << 20;
+/// A week: longer timeouts are surely mistakes (and would overflow deadline arithmetic).
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -287,9 +294,9 @@ impl JobSpec {
         );
         let size = self.data.image_size;
         check(
-            size >= 8 && size.is_multiple_of(4),
+            (8..=MAX_IMAGE_SIZE).contains(&size) && size.is_multiple_of(4),
             "data.image_size",
-            format!("expected a multiple of 4 of at least 8, found {size}"),
+            format!("expected a multiple of 4 from 8 to {MAX_IMAGE_SIZE}, found {size}"),
         );
         check(
             self.model.noise_dim >= 1,
@@ -352,14 +359,14 @@ impl JobSpec {
             "expected at least 1, found 0".into(),
         );
         check(
-            self.cluster.join_timeout_secs >= 1,
+            (1..=MAX_TIMEOUT_SECS).contains(&self.cluster.join_timeout_secs),
             "cluster.join_timeout_secs",
-            "expected at least 1, found 0".into(),
+            format!("expected 1 to {MAX_TIMEOUT_SECS} seconds, found {}", self.cluster.join_timeout_secs),
         );
         check(
-            self.cluster.step_timeout_secs >= 1,
+            (1..=MAX_TIMEOUT_SECS).contains(&self.cluster.step_timeout_secs),
             "cluster.step_timeout_secs",
-            "expected at least 1, found 0".into(),
+            format!("expected 1 to {MAX_TIMEOUT_SECS} seconds, found {}", self.cluster.step_timeout_secs),
         );
         check(
             self.checkpoint.every >= 1,
@@ -371,10 +378,15 @@ impl JobSpec {
             "checkpoint.keep",
             "expected at least 1, found 0".into(),
         );
+        // The sample batch travels in one message, which must stay under gRPC's 4 MiB.
+        let max_samples = (MAX_SAMPLE_BYTES / (3 * u64::from(size.max(1)).pow(2))).clamp(1, 1024) as u32;
         check(
-            (1..=1024).contains(&self.checkpoint.samples),
+            (1..=max_samples).contains(&self.checkpoint.samples),
             "checkpoint.samples",
-            format!("expected 1 to 1024, found {}", self.checkpoint.samples),
+            format!(
+                "expected 1 to {max_samples} at image_size {size}, found {}",
+                self.checkpoint.samples
+            ),
         );
         problems
     }
@@ -429,6 +441,17 @@ mod tests {
                 "checkpoint.every"
             ]
         );
+    }
+
+    #[test]
+    fn sizes_that_cannot_travel_are_refused() {
+        let text = format!("{MINIMAL}[checkpoint]\nsamples = 1024\n[cluster]\nstep_timeout_secs = 9223372036854775807\n");
+        let Err(Error::SpecInvalid { problems, .. }) = JobSpec::parse(&text, "test") else {
+            panic!("expected range problems");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field).collect();
+        assert_eq!(fields, vec!["cluster.step_timeout_secs", "checkpoint.samples"]);
+        assert!(problems[1].message.contains("1 to 655"), "{}", problems[1].message);
     }
 
     #[test]

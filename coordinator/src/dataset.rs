@@ -45,13 +45,17 @@ impl PreparedDataset {
     }
 }
 
+/// Image files to read and entries passed over with the reason.
+type Listing = (Vec<PathBuf>, Vec<(PathBuf, String)>);
+
 /// Lists the folder's image files sorted by name, keeping the first `limit` (0: all).
-fn list_images(dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
+fn list_images(dir: &Path, limit: usize) -> Result<Listing> {
     let entries = std::fs::read_dir(dir).map_err(|e| CoordinatorError::Dataset {
         path: dir.to_path_buf(),
         message: format!("cannot read the folder: {e}"),
     })?;
     let mut files = Vec::new();
+    let mut passed_over = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| CoordinatorError::Dataset {
             path: dir.to_path_buf(),
@@ -62,15 +66,21 @@ fn list_images(dir: &Path, limit: usize) -> Result<Vec<PathBuf>> {
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| IMAGE_ENDINGS.iter().any(|known| e.eq_ignore_ascii_case(known)));
-        if is_image {
-            files.push(path);
+        if !is_image {
+            continue;
+        }
+        // Only regular files (symlinks followed): a FIFO named `x.jpg` would block a reader.
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => files.push(path),
+            Ok(_) => passed_over.push((path, "not a regular file".to_string())),
+            Err(e) => passed_over.push((path, format!("cannot stat: {e}"))),
         }
     }
     files.sort();
     if limit > 0 {
         files.truncate(limit);
     }
-    Ok(files)
+    Ok((files, passed_over))
 }
 
 /// Decodes one file into `size x size` RGB bytes.
@@ -93,7 +103,7 @@ pub fn prepare_image(path: &Path, size: u32) -> std::result::Result<Vec<u8>, Str
 
 /// Loads the dataset, decoding on every core.
 pub fn load(dir: &Path, size: u32, limit: usize) -> Result<PreparedDataset> {
-    let files = list_images(dir, limit)?;
+    let (files, passed_over) = list_images(dir, limit)?;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(files.len().max(1));
@@ -112,7 +122,7 @@ pub fn load(dir: &Path, size: u32, limit: usize) -> Result<PreparedDataset> {
         image_size: size,
         pixels: Vec::new(),
         files: Vec::new(),
-        skipped: Vec::new(),
+        skipped: passed_over,
     };
     for (file, result) in files.into_iter().zip(results) {
         match result {
@@ -155,9 +165,12 @@ mod tests {
         RgbImage::new(8, 8).save(dir.path().join("good.png")).unwrap();
         std::fs::write(dir.path().join("broken.jpg"), b"not a jpeg").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
-        let data = load(dir.path(), 8, 0).unwrap();
+        std::fs::create_dir(dir.path().join("folder.png")).unwrap();
+        let mut data = load(dir.path(), 8, 0).unwrap();
         assert_eq!(data.len(), 1);
-        assert_eq!(data.skipped.len(), 1);
+        assert_eq!(data.skipped.len(), 2);
+        assert!(data.skipped.iter().any(|(f, r)| f.ends_with("folder.png") && r == "not a regular file"));
+        data.skipped.retain(|(f, _)| f.ends_with("broken.jpg"));
         assert!(data.skipped[0].0.ends_with("broken.jpg"));
         assert!(data.skipped[0].1.contains("decode"), "{}", data.skipped[0].1);
     }

@@ -6,13 +6,9 @@ pub enum CoordinatorError {
     /// A shared-library operation failed (spec, checkpoint, file).
     #[error(transparent)]
     Common(#[from] forger_common::Error),
-    /// A file or socket operation failed.
-    #[error("{action}: {source}")]
-    Io {
-        action: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file or socket operation failed (the cause is part of the message).
+    #[error("{action}: {cause}")]
+    Io { action: String, cause: std::io::Error },
     /// The dataset cannot feed this job.
     #[error("dataset {path}: {message}")]
     Dataset { path: PathBuf, message: String },
@@ -46,7 +42,7 @@ impl CoordinatorError {
     pub(crate) fn io(action: impl Into<String>, source: std::io::Error) -> Self {
         CoordinatorError::Io {
             action: action.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -40,7 +40,13 @@ impl LocalCluster {
         let url = format!("http://{coordinator}");
         let mut children = Vec::new();
         for i in 0..config.count {
-            let child = Command::new(&config.binary)
+            let mut command = Command::new(&config.binary);
+            // A terminal's Ctrl-C goes to its whole process group. Local workers get a group of
+            // their own, so Ctrl-C reaches only the coordinator, which then finishes the step,
+            // checkpoints and dismisses the workers instead of watching them die mid-step.
+            #[cfg(unix)]
+            command.process_group(0);
+            let child = command
                 .arg("--coordinator")
                 .arg(&url)
                 .arg("--threads")

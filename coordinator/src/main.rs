@@ -21,7 +21,7 @@ struct Args {
     #[arg(long, env = "FORGER_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
     /// Continue from the newest checkpoint in the run directory.
-    #[arg(long, env = "FORGER_RESUME")]
+    #[arg(long, env = "FORGER_RESUME", value_parser = clap::builder::BoolishValueParser::new())]
     resume: bool,
     /// Overrides the spec's data.path.
     #[arg(long, env = "FORGER_DATA")]
@@ -42,7 +42,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
+        // Colour only for people: log files and pipes get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -99,8 +103,18 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Ctrl-C or SIGTERM.
+/// The first Ctrl-C or SIGTERM asks the run to stop after the current step (abandoning it if
+/// workers are late); a second one exits at once.
 async fn shutdown_signal() {
+    one_signal().await;
+    tokio::spawn(async {
+        one_signal().await;
+        eprintln!("second signal: exiting now; --resume continues from the newest checkpoint");
+        std::process::exit(130);
+    });
+}
+
+async fn one_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use forger_proto::pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::{CoordinatorError, Result};
-use crate::registry::WorkerInfo;
+use crate::registry::{Registry, WorkerInfo};
 use crate::service::Inbound;
 
 /// One connected worker.
@@ -26,55 +26,64 @@ pub struct Peers {
     peers: Vec<Peer>,
     events: mpsc::Receiver<Inbound>,
     phase_timeout: Duration,
+    stop: watch::Receiver<bool>,
 }
 
+/// After a stop request, how long a step in flight may take before it is abandoned (and
+/// undone), so that a hung worker cannot hold a Ctrl-C for the whole phase timeout.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 impl Peers {
-    /// Waits until `expected` workers have opened their sessions.
+    /// Waits until `expected` workers have opened their sessions. A worker that leaves while
+    /// waiting gives its place back to the next one to join; a stop request ends the wait.
     pub async fn gather(
         mut events: mpsc::Receiver<Inbound>,
-        expected: usize,
+        registry: Registry,
         join_timeout: Duration,
         phase_timeout: Duration,
+        mut stop: watch::Receiver<bool>,
     ) -> Result<Peers> {
+        let expected = registry.job().expected_workers;
         let deadline = Instant::now() + join_timeout;
         let mut peers: Vec<Peer> = Vec::new();
+        let dismiss = |peers: &[Peer], reason: &str| {
+            let message = shutdown_message(reason);
+            for peer in peers {
+                let _ = peer.outbound.try_send(Ok(message.clone()));
+            }
+        };
         while peers.len() < expected {
-            let event = tokio::time::timeout_at(deadline, events.recv())
-                .await
-                .map_err(|_| CoordinatorError::JoinTimeout {
+            let event = tokio::select! {
+                event = tokio::time::timeout_at(deadline, events.recv()) => event,
+                _ = stop.wait_for(|stop| *stop) => {
+                    dismiss(&peers, "the coordinator was stopped before training began");
+                    return Err(CoordinatorError::Interrupted { step: 0 });
+                }
+            };
+            let Ok(event) = event else {
+                let error = CoordinatorError::JoinTimeout {
                     joined: peers.len(),
                     expected,
                     secs: join_timeout.as_secs(),
-                })?
-                .ok_or_else(|| CoordinatorError::Refused("the service stopped".into()))?;
+                };
+                dismiss(&peers, &error.to_string());
+                return Err(error);
+            };
+            let event = event.ok_or_else(|| CoordinatorError::Refused("the service stopped".into()))?;
             match event {
                 Inbound::Connected { worker, outbound } => {
-                    info!(
-                        worker = worker.id,
-                        rank = worker.rank,
-                        connected = peers.len() + 1,
-                        expected,
-                        "worker ready"
-                    );
+                    info!(worker = worker.id, rank = worker.rank, connected = peers.len() + 1, expected, "worker ready");
                     peers.push(Peer { info: worker, outbound });
                 }
                 Inbound::Closed { worker, reason } => {
-                    return Err(CoordinatorError::Worker {
-                        worker,
-                        host: String::new(),
-                        step: 0,
-                        phase: "join",
-                        message: reason,
-                    });
+                    peers.retain(|p| p.info.id != worker);
+                    registry.release(worker);
+                    warn!(worker, %reason, "a worker left before training began; waiting for another");
                 }
                 Inbound::Message { worker, .. } => {
-                    return Err(CoordinatorError::Worker {
-                        worker,
-                        host: String::new(),
-                        step: 0,
-                        phase: "join",
-                        message: "sent a message before the first step".into(),
-                    });
+                    peers.retain(|p| p.info.id != worker);
+                    registry.release(worker);
+                    warn!(worker, "a worker sent a message before the first step; dropped it");
                 }
             }
         }
@@ -83,6 +92,7 @@ impl Peers {
             peers,
             events,
             phase_timeout,
+            stop,
         })
     }
 
@@ -141,11 +151,7 @@ impl Peers {
 
     /// Tells every worker to leave; a worker that is already gone is not an error here.
     pub async fn shutdown(&self, reason: &str) {
-        let message = pb::CoordinatorMessage {
-            kind: Some(pb::coordinator_message::Kind::Shutdown(pb::Shutdown {
-                reason: reason.to_string(),
-            })),
-        };
+        let message = shutdown_message(reason);
         for peer in &self.peers {
             let _ = peer.outbound.send(Ok(message.clone())).await;
         }
@@ -166,10 +172,27 @@ impl Peers {
         phase: &'static str,
         waiting_on: &[usize],
     ) -> Result<(usize, pb::worker_message::Kind)> {
+        let mut deadline = deadline;
+        let mut stopping = *self.stop.borrow();
+        if stopping {
+            deadline = deadline.min(Instant::now() + STOP_GRACE);
+        }
         loop {
-            let event = match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            let received = tokio::select! {
+                received = tokio::time::timeout_at(deadline, self.events.recv()) => received,
+                _ = self.stop.wait_for(|stop| *stop), if !stopping => {
+                    stopping = true;
+                    deadline = deadline.min(Instant::now() + STOP_GRACE);
+                    continue;
+                }
+            };
+            let event = match received {
                 Ok(Some(event)) => event,
                 Ok(None) => return Err(CoordinatorError::Refused("the service stopped".into())),
+                Err(_) if stopping => {
+                    warn!(step, phase, ?waiting_on, "abandoning the step: stop requested and workers are late");
+                    return Err(CoordinatorError::Interrupted { step });
+                }
                 Err(_) => {
                     let rank = waiting_on.first().copied().unwrap_or(0);
                     return Err(self.fault(
@@ -208,5 +231,13 @@ impl Peers {
                 }
             }
         }
+    }
+}
+
+fn shutdown_message(reason: &str) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        kind: Some(pb::coordinator_message::Kind::Shutdown(pb::Shutdown {
+            reason: reason.to_string(),
+        })),
     }
 }

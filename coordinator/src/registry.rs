@@ -3,6 +3,7 @@
 //! The gRPC service writes here at Join; the trainer reads it to know ranks and hosts.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::dataset::PreparedDataset;
 use crate::error::{CoordinatorError, Result};
@@ -28,11 +29,22 @@ pub struct Job {
 }
 
 #[derive(Debug)]
+struct Entry {
+    info: WorkerInfo,
+    joined_at: Instant,
+    connected: bool,
+}
+
+#[derive(Debug)]
 struct Inner {
     job: Arc<Job>,
-    workers: Vec<WorkerInfo>,
+    workers: Vec<Entry>,
     next_id: u64,
 }
+
+/// A worker that joined but opened no Session within this time is presumed dead, and its
+/// place goes to the next worker that joins (a shard download takes well under this).
+const RECLAIM_AFTER: Duration = Duration::from_secs(60);
 
 /// Shared between the service and the trainer.
 #[derive(Debug, Clone)]
@@ -52,8 +64,8 @@ impl Registry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding this lock is a bug elsewhere; the data is still consistent
-        // because every update below is a single push.
+        // A panic while holding this lock is a bug elsewhere; every update below leaves the
+        // data consistent, so carrying on is safe.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -61,28 +73,50 @@ impl Registry {
         self.lock().job.clone()
     }
 
-    /// Admits a worker and gives it the next rank, or refuses when the cluster is full.
+    /// Admits a worker into the lowest free rank, or refuses when every rank is taken.
     pub fn join(&self, host: String, device: String, threads: u32) -> Result<WorkerInfo> {
         let mut inner = self.lock();
-        if inner.workers.len() >= inner.job.expected_workers {
+        let expected = inner.job.expected_workers;
+        inner
+            .workers
+            .retain(|e| e.connected || e.joined_at.elapsed() < RECLAIM_AFTER);
+        let taken: Vec<u32> = inner.workers.iter().map(|e| e.info.rank).collect();
+        let Some(rank) = (0..expected as u32).find(|r| !taken.contains(r)) else {
             return Err(CoordinatorError::Refused(format!(
-                "the cluster is full: the job asks for {} workers and all have joined",
-                inner.job.expected_workers
+                "the cluster is full: the job asks for {expected} workers and all have joined"
             )));
-        }
+        };
         let info = WorkerInfo {
             id: inner.next_id,
-            rank: inner.workers.len() as u32,
+            rank,
             host,
             device,
             threads,
         };
         inner.next_id += 1;
-        inner.workers.push(info.clone());
+        inner.workers.push(Entry {
+            info: info.clone(),
+            joined_at: Instant::now(),
+            connected: false,
+        });
         Ok(info)
     }
 
+    /// The worker of this id, if it still holds its place.
     pub fn worker(&self, id: u64) -> Option<WorkerInfo> {
-        self.lock().workers.iter().find(|w| w.id == id).cloned()
+        self.lock().workers.iter().find(|e| e.info.id == id).map(|e| e.info.clone())
+    }
+
+    /// Marks the worker's Session open; `None` if it no longer holds a place.
+    pub fn connect(&self, id: u64) -> Option<WorkerInfo> {
+        let mut inner = self.lock();
+        let entry = inner.workers.iter_mut().find(|e| e.info.id == id)?;
+        entry.connected = true;
+        Some(entry.info.clone())
+    }
+
+    /// Frees a worker's place (it left before training began).
+    pub fn release(&self, id: u64) {
+        self.lock().workers.retain(|e| e.info.id != id);
     }
 }

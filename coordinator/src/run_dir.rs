@@ -34,6 +34,40 @@ impl RunDir {
         Ok(dir)
     }
 
+    /// Takes the run directory for this process: a second coordinator on the same folder
+    /// would interleave metrics and overwrite checkpoints. Held until the guard drops; the OS
+    /// releases it if the process dies.
+    pub fn lock(&self) -> Result<RunDirLock> {
+        let path = self.root.join(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| CoordinatorError::io(format!("failed to open {}", path.display()), e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(RunDirLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(CoordinatorError::RunDir {
+                path: self.root.clone(),
+                message: "another coordinator is using it".into(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(CoordinatorError::io(format!("failed to lock {}", path.display()), e))
+            }
+        }
+    }
+
+    /// Fails now, rather than at the first checkpoint, if the outputs cannot be written.
+    pub fn check_writable(&self) -> Result<()> {
+        for folder in [self.checkpoints(), self.samples()] {
+            let probe = folder.join(".write-test");
+            std::fs::write(&probe, b"")
+                .and_then(|()| std::fs::remove_file(&probe))
+                .map_err(|e| CoordinatorError::io(format!("cannot write into {}", folder.display()), e))?;
+        }
+        Ok(())
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -61,6 +95,12 @@ impl RunDir {
     pub fn checkpoint(&self, step: u64) -> PathBuf {
         self.checkpoints().join(forger_common::checkpoint::file_name(step))
     }
+}
+
+/// Holds a run directory's lock.
+#[derive(Debug)]
+pub struct RunDirLock {
+    _file: File,
 }
 
 /// One line of `metrics.jsonl`: the cluster-wide losses measured at the start of the step,
@@ -100,9 +140,12 @@ impl MetricsLog {
                     for line in BufReader::new(file).lines() {
                         let line = line.map_err(|e| io("read", e))?;
                         // A torn last line (crash mid-write) does not parse and is dropped.
-                        if let Ok(record) = serde_json::from_str::<StepRecord>(&line)
-                            && record.step <= last
-                        {
+                        // Lines are read as plain JSON, since a non-finite loss is written
+                        // as `null`, and such a line still records its step.
+                        let step = serde_json::from_str::<serde_json::Value>(&line)
+                            .ok()
+                            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+                        if step.is_some_and(|step| step <= last) {
                             kept.push_str(&line);
                             kept.push('\n');
                         }

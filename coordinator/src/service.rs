@@ -14,8 +14,9 @@ use tracing::{info, warn};
 
 use crate::registry::{Registry, WorkerInfo};
 
-/// Images per FetchShard chunk: about 1.2 MB at 40x40, well under gRPC's 4 MiB limit.
-const IMAGES_PER_CHUNK: usize = 256;
+/// Bytes of pixels per FetchShard chunk (whole images, at least one), well under gRPC's
+/// 4 MiB message limit.
+const SHARD_CHUNK_BYTES: usize = 1 << 20;
 /// A Session must open with Hello within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages queued towards one worker before the trainer waits for it to read.
@@ -106,10 +107,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         else {
             return Err(Status::invalid_argument("a Session must open with Hello"));
         };
-        let worker = self
-            .registry
-            .worker(hello.worker_id)
-            .ok_or_else(|| Status::not_found(format!("worker {} has not joined", hello.worker_id)))?;
+        let worker = self.registry.connect(hello.worker_id).ok_or_else(|| {
+            Status::not_found(format!(
+                "worker {} holds no place in the job (never joined, or replaced after it went silent)",
+                hello.worker_id
+            ))
+        })?;
         let id = worker.id;
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         self.events
@@ -143,9 +146,10 @@ fn async_stream_of_chunks(
     rank: usize,
 ) -> impl Stream<Item = Result<pb::ShardChunk, Status>> + Send + 'static {
     let shard_len = job.shards[rank].len();
-    let chunks = shard_len.div_ceil(IMAGES_PER_CHUNK);
+    let per_chunk = (SHARD_CHUNK_BYTES / job.dataset.image_bytes()).max(1);
+    let chunks = shard_len.div_ceil(per_chunk);
     futures::stream::iter(0..chunks).map(move |c| {
-        let indices = &job.shards[rank][c * IMAGES_PER_CHUNK..((c + 1) * IMAGES_PER_CHUNK).min(shard_len)];
+        let indices = &job.shards[rank][c * per_chunk..((c + 1) * per_chunk).min(shard_len)];
         let mut pixels = Vec::with_capacity(indices.len() * job.dataset.image_bytes());
         for &i in indices {
             pixels.extend_from_slice(job.dataset.image(i as usize));

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use forger_common::checkpoint::{self, NetState, TrainingState};
@@ -16,7 +15,7 @@ use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
 use forger_proto::pb::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
@@ -53,25 +52,52 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary> {
     let ServeConfig {
-        spec,
+        mut spec,
         run_dir,
         resume,
         local_workers,
     } = config;
-    let run = RunDir::create(&run_dir)?;
-    let state = initial_state(&spec, &run, resume)?;
-    forger_common::atomic::write_atomic(&run.spec(), spec.to_toml().as_bytes())?;
-
-    let dataset = load_dataset(&spec)?;
     let workers = spec.cluster.workers as usize;
+    if let Some(local) = &local_workers
+        && local.count > workers
+    {
+        return Err(CoordinatorError::Refused(format!(
+            "--local-workers {} is more than the job's cluster.workers = {workers}",
+            local.count
+        )));
+    }
+    // Saved specs must work from anywhere, so the dataset folder is recorded absolute.
+    if let Ok(absolute) = std::fs::canonicalize(&spec.data.path) {
+        spec.data.path = absolute;
+    }
+    // Everything that can refuse the job is checked before anything is written.
+    let run = RunDir::create(&run_dir)?;
+    let _lock = run.lock()?;
+    let state = initial_state(&spec, &run, resume)?;
+    if state.step >= spec.train.steps {
+        warn!(
+            checkpoint_step = state.step,
+            steps = spec.train.steps,
+            "the checkpoint already reaches train.steps: nothing to train (raise train.steps to continue)"
+        );
+        return Ok(RunSummary {
+            step: state.step,
+            interrupted: false,
+        });
+    }
+    let dataset = load_dataset(&spec)?;
     let shards = assign_shards(dataset.len(), workers, spec.train.seed);
     check_shards(&spec, &shards)?;
     let samplers = samplers_for(&spec, &state, dataset.len(), &shards);
     let mut state = state;
     state.dataset_len = dataset.len();
     state.samplers = samplers.iter().map(BatchSampler::state).collect();
+    run.check_writable()?;
 
-    let metrics = MetricsLog::open(&run.metrics(), resume.then_some(state.step))?;
+    forger_common::atomic::write_atomic(&run.spec(), spec.to_toml().as_bytes())?;
+    // A fresh start (allowed only with no checkpoints) begins a new log: lines left by a run
+    // that never checkpointed belong to nothing that can be resumed.
+    let metrics = MetricsLog::open(&run.metrics(), Some(state.step))?;
     let image_size = spec.data.image_size as usize;
     let registry = Registry::new(Job {
         spec_toml: spec.to_toml(),
@@ -82,7 +108,7 @@ pub async fn serve(
     });
 
     let (events_tx, events_rx) = mpsc::channel(1024);
-    let service = CoordinatorService::new(registry, events_tx);
+    let service = CoordinatorService::new(registry.clone(), events_tx);
     let address = listener
         .local_addr()
         .map_err(|e| CoordinatorError::io("failed to read the listening address", e))?;
@@ -96,36 +122,38 @@ pub async fn serve(
     );
     info!(%address, workers, "coordinator listening");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_flag = stop.clone();
+    let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         info!("shutdown requested: finishing the current step");
-        stop_flag.store(true, Ordering::SeqCst);
+        let _ = stop_tx.send(true);
     });
 
     let mut local = match &local_workers {
         Some(config) => Some(LocalCluster::start(config, address)?),
         None => None,
     };
-    let training = async {
-        let peers = Peers::gather(
-            events_rx,
-            workers,
-            Duration::from_secs(spec.cluster.join_timeout_secs),
-            Duration::from_secs(spec.cluster.step_timeout_secs),
-        )
-        .await?;
-        Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop)
-            .run()
-            .await
-    };
-    let result = match local.as_mut() {
+    let gather = Peers::gather(
+        events_rx,
+        registry.clone(),
+        Duration::from_secs(spec.cluster.join_timeout_secs),
+        Duration::from_secs(spec.cluster.step_timeout_secs),
+        stop.clone(),
+    );
+    // A local worker that dies before joining would otherwise leave us waiting for the join
+    // timeout. Once training runs, a dead worker is a closed session, which the trainer
+    // handles itself (undoing the step and saving a checkpoint).
+    let gathered = match local.as_mut() {
         Some(cluster) => tokio::select! {
-            result = training => result,
+            peers = gather => peers,
             failure = cluster.first_failure() => Err(failure),
         },
-        None => training.await,
+        None => gather.await,
+    };
+    let result = match gathered {
+        Ok(peers) => Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop).run().await,
+        Err(CoordinatorError::Interrupted { step }) => Ok(RunSummary { step, interrupted: true }),
+        Err(e) => Err(e),
     };
     if let (Ok(_), Some(cluster)) = (&result, local) {
         cluster.wait(LOCAL_EXIT_TIMEOUT).await?;
@@ -166,13 +194,19 @@ fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<TrainingS
             },
         });
     };
-    let image_size = spec.data.image_size;
-    if checkpoint.spec.model != spec.model || checkpoint.spec.data.image_size != image_size {
+    let shape = |s: &JobSpec| {
+        format!(
+            "noise_dim {}, d_filters {:?}, g_filters {:?}, image_size {}",
+            s.model.noise_dim, s.model.d_filters, s.model.g_filters, s.data.image_size
+        )
+    };
+    if shape(&checkpoint.spec) != shape(spec) {
         return Err(forger_common::Error::CheckpointMismatch {
             path,
             message: format!(
-                "it holds model {:?} at {} px, the spec asks for {:?} at {image_size} px",
-                checkpoint.spec.model, checkpoint.spec.data.image_size, spec.model
+                "it holds a model of {}, the spec asks for {}",
+                shape(&checkpoint.spec),
+                shape(spec)
             ),
         }
         .into());

@@ -11,8 +11,6 @@
 //! A failure inside a step undoes that step's updates, so the state is always that of the
 //! last completed step: the emergency checkpoint written then never holds half a step.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -26,9 +24,10 @@ use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::error::Result;
+use crate::error::{CoordinatorError, Result};
 use crate::peers::Peers;
 use crate::reduce::{Upload, weighted_average};
 use crate::run_dir::{MetricsLog, RunDir, StepRecord};
@@ -104,7 +103,7 @@ pub struct Trainer {
     g: NetSlot,
     bn_len: usize,
     last_checkpoint: u64,
-    stop: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
 }
 
 impl Trainer {
@@ -115,7 +114,7 @@ impl Trainer {
         state: TrainingState,
         samplers: Vec<BatchSampler>,
         peers: Peers,
-        stop: Arc<AtomicBool>,
+        stop: watch::Receiver<bool>,
     ) -> Self {
         let t = &spec.train;
         let optimizer = |lr: f64| RmsProp {
@@ -178,13 +177,21 @@ impl Trainer {
         info!(from = start, to = steps, workers = self.peers.len(), "training");
         let mut interrupted = false;
         while self.state.step < steps {
-            if self.stop.load(Ordering::SeqCst) {
+            if *self.stop.borrow() {
                 interrupted = true;
                 info!(step = self.state.step, "stopping on request");
                 break;
             }
             let step = self.state.step + 1;
-            let record = self.train_step(step).await?;
+            let record = match self.train_step(step).await {
+                Ok(record) => record,
+                Err(CoordinatorError::Interrupted { .. }) => {
+                    // The step was abandoned and undone; the last completed one is saved below.
+                    interrupted = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             info!(
                 step,
                 loss_d = record.loss_d,
@@ -200,7 +207,12 @@ impl Trainer {
             }
         }
         if self.state.step > self.last_checkpoint {
-            self.checkpoint_with_samples(self.state.step).await?;
+            if interrupted {
+                // A worker may be what held the step up; do not wait on it for samples.
+                self.save_checkpoint()?;
+            } else {
+                self.checkpoint_with_samples(self.state.step).await?;
+            }
         }
         Ok(RunSummary {
             step: self.state.step,
@@ -253,6 +265,17 @@ impl Trainer {
         let loss_d_fake = mean(|l| l.sum_d_fake);
         let loss_g = mean(|l| l.sum_g);
         let loss_d = 0.5 * (loss_d_real + loss_d_fake);
+        if let Some(rank) = losses.iter().position(|l| !(l.sum_d_real + l.sum_d_fake + l.sum_g).is_finite()) {
+            return Err(self.peers.fault(
+                rank,
+                step,
+                "evaluate",
+                format!(
+                    "reported non-finite losses (loss_d {loss_d}, loss_g {loss_g}): training has diverged; \
+                     lower the learning rates and resume from an earlier checkpoint"
+                ),
+            ));
+        }
         let plan = decide_balance(loss_d, loss_g, self.spec.train.balance);
         let StepPlan { train_d, train_g } = plan;
         let message = pb::CoordinatorMessage {
@@ -329,7 +352,7 @@ impl Trainer {
         ])
     }
 
-    fn unexpected(&self, rank: usize, step: u64, phase: &'static str, kind: &In) -> crate::error::CoordinatorError {
+    fn unexpected(&self, rank: usize, step: u64, phase: &'static str, kind: &In) -> CoordinatorError {
         let what = match kind {
             In::Hello(_) => "a second Hello".to_string(),
             In::Losses(l) => format!("losses for step {}", l.step),
@@ -448,7 +471,7 @@ impl Trainer {
             .into_iter()
             .map(|(s, _)| s)
             .collect();
-        for old in checkpoint::checkpoints_to_delete(&existing, self.spec.checkpoint.keep) {
+        for old in checkpoint::checkpoints_to_delete(&existing, step, self.spec.checkpoint.keep) {
             let old_path = self.run.checkpoint(old);
             if let Err(e) = std::fs::remove_file(&old_path)
                 && e.kind() != std::io::ErrorKind::NotFound

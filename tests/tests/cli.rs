@@ -167,3 +167,72 @@ fn the_main_command_trains_with_local_workers() {
     assert!(run.join("checkpoints/step-00000006.safetensors").is_file());
     assert!(run.join("samples/step-00000003.png").is_file());
 }
+
+/// Ctrl-C in a terminal signals the coordinator's whole process group. The coordinator must
+/// finish the step, checkpoint and dismiss its local workers (which live in groups of their
+/// own, so the signal does not kill them mid-step), and `--resume` must carry on.
+#[test]
+fn ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        "version = 1\n[data]\npath = \"overridden-by-flag\"\nlimit = 64\n[model]\nd_filters = [8, 4, 4]\n\
+         g_filters = [8, 4, 4]\n[train]\nsteps = 100000\n[cluster]\nworkers = 2\n[checkpoint]\nevery = 100000\nsamples = 4\n",
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let coordinator = |resume: bool| {
+        let mut command = Command::new(binary("forger-coordinator"));
+        command
+            .arg("--spec")
+            .arg(&spec)
+            .arg("--data")
+            .arg(shared_faces())
+            .arg("--out")
+            .arg(&run)
+            .args(["--listen", "127.0.0.1:0", "--local-workers", "2", "--local-worker-threads", "1"])
+            .stderr(std::process::Stdio::piped())
+            .process_group(0);
+        if resume {
+            command.arg("--resume");
+        }
+        command
+    };
+    let mut child = coordinator(false).spawn().unwrap();
+    // Drain stderr while waiting, so a full pipe can never stall the coordinator.
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut text).unwrap();
+        text
+    });
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no training within 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let group = format!("-{}", child.id());
+    assert!(Command::new("kill").args(["-INT", "--", &group]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(status.success(), "{stderr}");
+    let stopped_at: u64 = stderr
+        .split("stopped at step ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no 'stopped at step' in: {stderr}"));
+    assert!(run.join(format!("checkpoints/step-{stopped_at:08}.safetensors")).is_file());
+    assert_eq!(metric_lines(&run).len() as u64, stopped_at);
+
+    // Aim the resumed run a few steps past the stop.
+    let text = std::fs::read_to_string(&spec).unwrap().replace("steps = 100000", &format!("steps = {}", stopped_at + 3));
+    std::fs::write(&spec, text).unwrap();
+    let out = coordinator(true).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let steps: Vec<u64> = metric_lines(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=stopped_at + 3).collect::<Vec<_>>());
+}

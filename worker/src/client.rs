@@ -35,11 +35,7 @@ pub struct WorkerConfig {
 pub async fn run(config: WorkerConfig) -> Result<()> {
     let channel = connect(&config.coordinator).await?;
     let mut client = CoordinatorClient::new(channel);
-    let host = format!(
-        "{}/{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
-        std::process::id()
-    );
+    let host = format!("{}/{}", host_name(), std::process::id());
     let reply = client
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -126,8 +122,41 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
     stream_result
 }
 
+/// The machine's name for logs, read where Linux keeps it.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".into())
+}
+
+/// An error with its chain of causes, which tonic keeps out of its top-level message
+/// ("transport error" hides "connection refused").
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Connects with exponential backoff, so workers may start before the coordinator.
 async fn connect(url: &str) -> Result<Channel> {
+    if url.starts_with("https://") {
+        return Err(WorkerError::Protocol(format!(
+            "`{url}`: TLS is not supported yet; use http:// on a trusted network"
+        )));
+    }
+    if !url.starts_with("http://") {
+        return Err(WorkerError::Protocol(format!(
+            "`{url}` is not a coordinator URL: write it as http://HOST:PORT"
+        )));
+    }
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| WorkerError::Protocol(format!("bad coordinator address `{url}`: {e}")))?
         .tcp_nodelay(true)
@@ -138,14 +167,15 @@ async fn connect(url: &str) -> Result<Channel> {
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
             Err(e) if started.elapsed() < CONNECT_PATIENCE => {
-                warn!(coordinator = url, error = %e, retry_in_ms = delay.as_millis() as u64, "coordinator not reachable yet");
+                warn!(coordinator = url, error = %with_causes(&e), retry_in_ms = delay.as_millis() as u64, "coordinator not reachable yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
                 return Err(WorkerError::Protocol(format!(
-                    "could not reach the coordinator at {url} within {} s: {e}",
-                    CONNECT_PATIENCE.as_secs()
+                    "could not reach the coordinator at {url} within {} s: {}",
+                    CONNECT_PATIENCE.as_secs(),
+                    with_causes(&e)
                 )));
             }
         }

@@ -10,7 +10,7 @@ use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
 use tch::{Device, Tensor};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::info;
 
 use crate::error::{Result, WorkerError};
 use crate::replica::{Contribution, Net, Replica, noise};
@@ -92,7 +92,7 @@ pub fn run(
     while let Ok(message) = commands.recv() {
         match message.kind {
             Some(In::Shutdown(s)) => {
-                debug!(reason = %s.reason, "shutdown");
+                info!(reason = %s.reason, "the coordinator ended the session");
                 return Ok(());
             }
             Some(kind) => worker.handle(kind)?,

@@ -31,9 +31,10 @@ pub enum WorkerError {
     /// The coordinator or this worker broke the protocol, or the session ended unexpectedly.
     #[error("protocol: {0}")]
     Protocol(String),
-    /// A gRPC call failed.
-    #[error("coordinator answered {}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    /// A gRPC call failed. Only the code and message are shown: tonic's own display repeats
+    /// them with its internal details.
+    #[error("the coordinator answered {:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
     /// A spec, checkpoint or file problem from the shared library.
     #[error(transparent)]
     Common(#[from] forger_common::Error),
@@ -44,3 +45,9 @@ pub enum WorkerError {
 
 /// The worker library's result type.
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
+
+impl From<tonic::Status> for WorkerError {
+    fn from(status: tonic::Status) -> Self {
+        WorkerError::Status(status)
+    }
+}

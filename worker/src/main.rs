@@ -28,13 +28,16 @@ struct Args {
 enum Command {
     /// Draw faces from a checkpoint as one grid image.
     Generate {
+        /// A checkpoint file from a run directory's checkpoints/ folder.
         #[arg(long)]
         checkpoint: PathBuf,
+        /// How many faces to draw.
         #[arg(long, default_value_t = 64)]
         count: usize,
         /// The PNG to write.
         #[arg(long)]
         out: PathBuf,
+        /// Seed of the noise: the same seed draws the same faces.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
@@ -43,7 +46,10 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
+        // Colour only for people: log files and pipes get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
