@@ -213,6 +213,8 @@ mod tests {
         }
         drop(log);
         let mut text = std::fs::read_to_string(&path).unwrap();
+        // A diverged step records its losses as null; it is still a step.
+        text = text.replacen("\"loss_d\":0.5", "\"loss_d\":null", 1);
         text.push_str("{\"step\": 6, \"loss");
         std::fs::write(&path, text).unwrap();
 

@@ -120,6 +120,13 @@ impl TestCoordinator {
         }
     }
 
+    /// Sends the shutdown signal (what Ctrl-C does in the binary).
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
     }

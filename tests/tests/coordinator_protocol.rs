@@ -387,3 +387,79 @@ async fn a_worker_beyond_the_spec_is_refused_at_join() {
         .unwrap_err();
     assert!(status.message().contains("protocol version 99"), "{}", status.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_coordinator_on_the_same_run_directory_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    tiny_dataset(data.path());
+    let mut first = TestCoordinator::start(tiny_spec(data.path(), 1, 1), run.path(), false, None).await;
+    // The first waits for its worker; the second must not share its folder.
+    let _worker = FakeWorker::join(&first.url()).await;
+    let second = TestCoordinator::start(tiny_spec(data.path(), 1, 1), run.path(), false, None).await;
+    let err = second.finish(Duration::from_secs(30)).await.unwrap_err().to_string();
+    assert!(err.contains("another coordinator is using it"), "{err}");
+    first.stop();
+    let summary = first.finish(Duration::from_secs(30)).await.unwrap();
+    assert!(summary.interrupted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_waiting_for_workers_ends_at_once_and_dismisses_who_came() {
+    let data = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    tiny_dataset(data.path());
+    let mut coordinator = TestCoordinator::start(tiny_spec(data.path(), 2, 3), run.path(), false, None).await;
+    let mut early = FakeWorker::join(&coordinator.url()).await;
+    coordinator.stop();
+    let summary = coordinator.finish(Duration::from_secs(10)).await.expect("a clean stop");
+    assert_eq!((summary.step, summary.interrupted), (0, true));
+    let In::Shutdown(s) = early.recv().await else { panic!("expected Shutdown") };
+    assert!(s.reason.contains("stopped"), "{}", s.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_leaves_before_the_start_is_replaced() {
+    let data = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    tiny_dataset(data.path());
+    // Two places, so one departure happens while the coordinator is still gathering.
+    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 2, 1), run.path(), false, None).await;
+    let leaver = FakeWorker::join(&coordinator.url()).await;
+    assert_eq!(leaver.rank, 0);
+    drop(leaver);
+    // Its place is free again once its session has closed.
+    let mut replacement = None;
+    for _ in 0..50 {
+        let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url()).await.unwrap();
+        let probe = client
+            .join(pb::JoinRequest {
+                protocol_version: forger_proto::PROTOCOL_VERSION,
+                host: "probe".into(),
+                device: "none".into(),
+                threads: 1,
+            })
+            .await;
+        if probe.is_ok() {
+            replacement = Some(probe.unwrap().into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = replacement.expect("the departed worker's place was freed");
+    assert_eq!(reply.rank, 0);
+    drop(coordinator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_losses_stop_the_run_naming_the_worker() {
+    let data = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    tiny_dataset(data.path());
+    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 1, 3), run.path(), false, None).await;
+    let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
+    let replicas = receive_initial(&mut workers).await;
+    evaluate(&mut workers, 1, (f64::NAN, 1.0, 1.0), &replicas).await;
+    let err = coordinator.finish(Duration::from_secs(30)).await.unwrap_err().to_string();
+    assert!(err.contains("worker 1") && err.contains("non-finite") && err.contains("step 1"), "{err}");
+}
