@@ -361,12 +361,18 @@ impl JobSpec {
         check(
             (1..=MAX_TIMEOUT_SECS).contains(&self.cluster.join_timeout_secs),
             "cluster.join_timeout_secs",
-            format!("expected 1 to {MAX_TIMEOUT_SECS} seconds, found {}", self.cluster.join_timeout_secs),
+            format!(
+                "expected 1 to {MAX_TIMEOUT_SECS} seconds, found {}",
+                self.cluster.join_timeout_secs
+            ),
         );
         check(
             (1..=MAX_TIMEOUT_SECS).contains(&self.cluster.step_timeout_secs),
             "cluster.step_timeout_secs",
-            format!("expected 1 to {MAX_TIMEOUT_SECS} seconds, found {}", self.cluster.step_timeout_secs),
+            format!(
+                "expected 1 to {MAX_TIMEOUT_SECS} seconds, found {}",
+                self.cluster.step_timeout_secs
+            ),
         );
         check(
             self.checkpoint.every >= 1,
@@ -445,7 +451,8 @@ mod tests {
 
     #[test]
     fn sizes_that_cannot_travel_are_refused() {
-        let text = format!("{MINIMAL}[checkpoint]\nsamples = 1024\n[cluster]\nstep_timeout_secs = 9223372036854775807\n");
+        let text =
+            format!("{MINIMAL}[checkpoint]\nsamples = 1024\n[cluster]\nstep_timeout_secs = 9223372036854775807\n");
         let Err(Error::SpecInvalid { problems, .. }) = JobSpec::parse(&text, "test") else {
             panic!("expected range problems");
         };

@@ -169,7 +169,11 @@ mod tests {
         let mut data = load(dir.path(), 8, 0).unwrap();
         assert_eq!(data.len(), 1);
         assert_eq!(data.skipped.len(), 2);
-        assert!(data.skipped.iter().any(|(f, r)| f.ends_with("folder.png") && r == "not a regular file"));
+        assert!(
+            data.skipped
+                .iter()
+                .any(|(f, r)| f.ends_with("folder.png") && r == "not a regular file")
+        );
         data.skipped.retain(|(f, _)| f.ends_with("broken.jpg"));
         assert!(data.skipped[0].0.ends_with("broken.jpg"));
         assert!(data.skipped[0].1.contains("decode"), "{}", data.skipped[0].1);

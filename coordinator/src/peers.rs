@@ -72,7 +72,13 @@ impl Peers {
             let event = event.ok_or_else(|| CoordinatorError::Refused("the service stopped".into()))?;
             match event {
                 Inbound::Connected { worker, outbound } => {
-                    info!(worker = worker.id, rank = worker.rank, connected = peers.len() + 1, expected, "worker ready");
+                    info!(
+                        worker = worker.id,
+                        rank = worker.rank,
+                        connected = peers.len() + 1,
+                        expected,
+                        "worker ready"
+                    );
                     peers.push(Peer { info: worker, outbound });
                 }
                 Inbound::Closed { worker, reason } => {
@@ -190,7 +196,12 @@ impl Peers {
                 Ok(Some(event)) => event,
                 Ok(None) => return Err(CoordinatorError::Refused("the service stopped".into())),
                 Err(_) if stopping => {
-                    warn!(step, phase, ?waiting_on, "abandoning the step: stop requested and workers are late");
+                    warn!(
+                        step,
+                        phase,
+                        ?waiting_on,
+                        "abandoning the step: stop requested and workers are late"
+                    );
                     return Err(CoordinatorError::Interrupted { step });
                 }
                 Err(_) => {

@@ -104,7 +104,11 @@ impl Registry {
 
     /// The worker of this id, if it still holds its place.
     pub fn worker(&self, id: u64) -> Option<WorkerInfo> {
-        self.lock().workers.iter().find(|e| e.info.id == id).map(|e| e.info.clone())
+        self.lock()
+            .workers
+            .iter()
+            .find(|e| e.info.id == id)
+            .map(|e| e.info.clone())
     }
 
     /// Marks the worker's Session open; `None` if it no longer holds a place.

@@ -151,8 +151,15 @@ pub async fn serve(
         None => gather.await,
     };
     let result = match gathered {
-        Ok(peers) => Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop).run().await,
-        Err(CoordinatorError::Interrupted { step }) => Ok(RunSummary { step, interrupted: true }),
+        Ok(peers) => {
+            Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop)
+                .run()
+                .await
+        }
+        Err(CoordinatorError::Interrupted { step }) => Ok(RunSummary {
+            step,
+            interrupted: true,
+        }),
         Err(e) => Err(e),
     };
     if let (Ok(_), Some(cluster)) = (&result, local) {

@@ -265,7 +265,10 @@ impl Trainer {
         let loss_d_fake = mean(|l| l.sum_d_fake);
         let loss_g = mean(|l| l.sum_g);
         let loss_d = 0.5 * (loss_d_real + loss_d_fake);
-        if let Some(rank) = losses.iter().position(|l| !(l.sum_d_real + l.sum_d_fake + l.sum_g).is_finite()) {
+        if let Some(rank) = losses
+            .iter()
+            .position(|l| !(l.sum_d_real + l.sum_d_fake + l.sum_g).is_finite())
+        {
             return Err(self.peers.fault(
                 rank,
                 step,

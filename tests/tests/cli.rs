@@ -192,7 +192,14 @@ fn ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes() {
             .arg(shared_faces())
             .arg("--out")
             .arg(&run)
-            .args(["--listen", "127.0.0.1:0", "--local-workers", "2", "--local-worker-threads", "1"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--local-workers",
+                "2",
+                "--local-worker-threads",
+                "1",
+            ])
             .stderr(std::process::Stdio::piped())
             .process_group(0);
         if resume {
@@ -210,11 +217,20 @@ fn ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes() {
     });
     let started = std::time::Instant::now();
     while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 3 {
-        assert!(started.elapsed() < std::time::Duration::from_secs(120), "no training within 2 minutes");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no training within 2 minutes"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let group = format!("-{}", child.id());
-    assert!(Command::new("kill").args(["-INT", "--", &group]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", "--", &group])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = child.wait().unwrap();
     let stderr = reader.join().unwrap();
     assert!(status.success(), "{stderr}");
@@ -224,11 +240,16 @@ fn ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes() {
         .and_then(|rest| rest.split(';').next())
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no 'stopped at step' in: {stderr}"));
-    assert!(run.join(format!("checkpoints/step-{stopped_at:08}.safetensors")).is_file());
+    assert!(
+        run.join(format!("checkpoints/step-{stopped_at:08}.safetensors"))
+            .is_file()
+    );
     assert_eq!(metric_lines(&run).len() as u64, stopped_at);
 
     // Aim the resumed run a few steps past the stop.
-    let text = std::fs::read_to_string(&spec).unwrap().replace("steps = 100000", &format!("steps = {}", stopped_at + 3));
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("steps = 100000", &format!("steps = {}", stopped_at + 3));
     std::fs::write(&spec, text).unwrap();
     let out = coordinator(true).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

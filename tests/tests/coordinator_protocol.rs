@@ -414,7 +414,9 @@ async fn a_stop_while_waiting_for_workers_ends_at_once_and_dismisses_who_came() 
     coordinator.stop();
     let summary = coordinator.finish(Duration::from_secs(10)).await.expect("a clean stop");
     assert_eq!((summary.step, summary.interrupted), (0, true));
-    let In::Shutdown(s) = early.recv().await else { panic!("expected Shutdown") };
+    let In::Shutdown(s) = early.recv().await else {
+        panic!("expected Shutdown")
+    };
     assert!(s.reason.contains("stopped"), "{}", s.reason);
 }
 
@@ -431,7 +433,9 @@ async fn a_worker_that_leaves_before_the_start_is_replaced() {
     // Its place is free again once its session has closed.
     let mut replacement = None;
     for _ in 0..50 {
-        let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url()).await.unwrap();
+        let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
+            .await
+            .unwrap();
         let probe = client
             .join(pb::JoinRequest {
                 protocol_version: forger_proto::PROTOCOL_VERSION,
@@ -460,6 +464,13 @@ async fn non_finite_losses_stop_the_run_naming_the_worker() {
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
     let replicas = receive_initial(&mut workers).await;
     evaluate(&mut workers, 1, (f64::NAN, 1.0, 1.0), &replicas).await;
-    let err = coordinator.finish(Duration::from_secs(30)).await.unwrap_err().to_string();
-    assert!(err.contains("worker 1") && err.contains("non-finite") && err.contains("step 1"), "{err}");
+    let err = coordinator
+        .finish(Duration::from_secs(30))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("worker 1") && err.contains("non-finite") && err.contains("step 1"),
+        "{err}"
+    );
 }
