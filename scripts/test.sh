@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 # The cluster tests start the real binaries, so they are built first (setup.sh did).
-cargo test --workspace --locked --release -- --test-threads="${FORGER_TEST_THREADS:-2}"
+cargo test --workspace --locked --release --no-fail-fast -- --test-threads="${FORGER_TEST_THREADS:-2}"

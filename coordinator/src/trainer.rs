@@ -145,7 +145,14 @@ impl Trainer {
 
     /// Runs every remaining step, then checkpoints and dismisses the workers.
     pub async fn run(mut self) -> Result<RunSummary> {
-        let result = self.run_steps().await;
+        let result = match self.run_steps().await {
+            // A stop that lands while waiting for a sample grid: the checkpoint is written.
+            Err(CoordinatorError::Interrupted { .. }) if self.state.step == self.last_checkpoint => Ok(RunSummary {
+                step: self.state.step,
+                interrupted: true,
+            }),
+            other => other,
+        };
         match &result {
             Ok(summary) => {
                 let reason = if summary.interrupted {
