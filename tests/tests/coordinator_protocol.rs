@@ -444,8 +444,8 @@ async fn a_worker_that_leaves_before_the_start_is_replaced() {
                 threads: 1,
             })
             .await;
-        if probe.is_ok() {
-            replacement = Some(probe.unwrap().into_inner());
+        if let Ok(reply) = probe {
+            replacement = Some(reply.into_inner());
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
