@@ -10,7 +10,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::registry::{Registry, WorkerInfo};
 
@@ -132,7 +132,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     Err(status) => break format!("the connection failed: {}", status.message()),
                 }
             };
-            warn!(worker = id, %reason, "session ended");
+            // Routine when a run ends; a loss mid-run is reported by the trainer with its step.
+            info!(worker = id, %reason, "session ended");
             let _ = events.send(Inbound::Closed { worker: id, reason }).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
