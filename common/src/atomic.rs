@@ -28,13 +28,23 @@ pub fn write_atomic_with_hook(path: &Path, bytes: &[u8], before_rename: impl FnO
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp"));
     {
-        let mut file = File::create(&tmp).map_err(|e| Error::file("failed to create", &tmp, e))?;
+        let mut file = File::create(&tmp).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::file("no such folder to write into:", dir, e)
+            } else {
+                Error::file("failed to create", &tmp, e)
+            }
+        })?;
         file.write_all(bytes)
             .map_err(|e| Error::file("failed to write", &tmp, e))?;
         file.sync_all().map_err(|e| Error::file("failed to fsync", &tmp, e))?;
     }
     before_rename();
-    fs::rename(&tmp, path).map_err(|e| Error::file("failed to rename into place", path, e))?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        // Leave no temporary behind; the old file, if any, is untouched.
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::file("failed to rename into place", path, e));
+    }
     let dir_handle = File::open(dir).map_err(|e| Error::file("failed to open directory", dir, e))?;
     dir_handle
         .sync_all()

@@ -385,7 +385,9 @@ impl JobSpec {
             "expected at least 1, found 0".into(),
         );
         // The sample batch travels in one message, which must stay under gRPC's 4 MiB.
-        let max_samples = (MAX_SAMPLE_BYTES / (3 * u64::from(size.max(1)).pow(2))).clamp(1, 1024) as u32;
+        // Judged at 40 px when the size itself is out of range, so one mistake gives one line.
+        let sample_side = if (8..=MAX_IMAGE_SIZE).contains(&size) { size } else { 40 };
+        let max_samples = (MAX_SAMPLE_BYTES / (3 * u64::from(sample_side).pow(2))).clamp(1, 1024) as u32;
         check(
             (1..=max_samples).contains(&self.checkpoint.samples),
             "checkpoint.samples",

@@ -23,6 +23,8 @@ pub enum CoordinatorError {
         step: u64,
         phase: &'static str,
         message: String,
+        /// The worker's losses were not finite: the parameters are ruined.
+        diverged: bool,
     },
     /// Not enough workers joined in time.
     #[error("only {joined} of {expected} workers joined within {secs} s")]

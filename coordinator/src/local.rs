@@ -92,6 +92,22 @@ impl LocalCluster {
         }
     }
 
+    /// Waits up to `timeout` for the workers to exit, then kills the rest; exit codes do not
+    /// matter here (used after a stop request).
+    pub async fn wait_or_kill(mut self, timeout: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for (i, child) in self.children.iter_mut().enumerate() {
+            if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+                tracing::warn!(
+                    worker = i,
+                    pid = child.id(),
+                    "local worker did not exit after the stop; killing it"
+                );
+                let _ = child.kill().await;
+            }
+        }
+    }
+
     /// Waits for every worker to exit after it was told to shut down.
     pub async fn wait(mut self, timeout: std::time::Duration) -> Result<()> {
         for (i, child) in self.children.iter_mut().enumerate() {

@@ -95,7 +95,9 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         local_workers,
     };
     let summary = forger_coordinator::serve(config, listener, shutdown_signal()).await?;
-    if summary.interrupted {
+    if summary.interrupted && summary.step == 0 {
+        eprintln!("stopped before the first step; nothing to resume, start again without --resume");
+    } else if summary.interrupted {
         eprintln!("stopped at step {}; continue with --resume", summary.step);
     } else {
         eprintln!("finished at step {}", summary.step);

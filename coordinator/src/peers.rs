@@ -123,6 +123,7 @@ impl Peers {
             step,
             phase,
             message: message.into(),
+            diverged: false,
         }
     }
 
@@ -206,12 +207,13 @@ impl Peers {
                 }
                 Err(_) => {
                     let rank = waiting_on.first().copied().unwrap_or(0);
+                    let owed: Vec<u64> = waiting_on.iter().map(|&r| self.peers[r].info.id).collect();
                     return Err(self.fault(
                         rank,
                         step,
                         phase,
                         format!(
-                            "no answer within {} s (ranks still owed: {waiting_on:?})",
+                            "no answer within {} s (workers still owed: {owed:?})",
                             self.phase_timeout.as_secs()
                         ),
                     ));

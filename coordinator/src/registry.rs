@@ -83,7 +83,9 @@ impl Registry {
         let taken: Vec<u32> = inner.workers.iter().map(|e| e.info.rank).collect();
         let Some(rank) = (0..expected as u32).find(|r| !taken.contains(r)) else {
             return Err(CoordinatorError::Refused(format!(
-                "the cluster is full: the job asks for {expected} workers and all have joined"
+                "the cluster is full: the job asks for {expected} workers and all have joined (a place held by a \
+                 worker that never opened its session frees {} s after it joined)",
+                RECLAIM_AFTER.as_secs()
             )));
         };
         let info = WorkerInfo {

@@ -41,6 +41,8 @@ pub struct ServeConfig {
 
 /// How long local workers get to exit once told to.
 const LOCAL_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// After a stop request, how long local workers get before they are killed.
+const STOPPED_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connections get to close after the run before the server is dropped.
 const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -90,6 +92,7 @@ pub async fn serve(
     check_shards(&spec, &shards)?;
     let samplers = samplers_for(&spec, &state, dataset.len(), &shards);
     let mut state = state;
+    let resumed_from = state.step;
     state.dataset_len = dataset.len();
     state.samplers = samplers.iter().map(BatchSampler::state).collect();
     run.check_writable()?;
@@ -156,14 +159,20 @@ pub async fn serve(
                 .run()
                 .await
         }
-        Err(CoordinatorError::Interrupted { step }) => Ok(RunSummary {
-            step,
+        Err(CoordinatorError::Interrupted { .. }) => Ok(RunSummary {
+            step: resumed_from,
             interrupted: true,
         }),
         Err(e) => Err(e),
     };
-    if let (Ok(_), Some(cluster)) = (&result, local) {
-        cluster.wait(LOCAL_EXIT_TIMEOUT).await?;
+    match (&result, local) {
+        (Ok(summary), Some(cluster)) if summary.interrupted => {
+            // A stopped run may have left a worker stuck, or one that joined too late to be
+            // dismissed: neither is a failure of the run.
+            cluster.wait_or_kill(STOPPED_EXIT_TIMEOUT).await;
+        }
+        (Ok(_), Some(cluster)) => cluster.wait(LOCAL_EXIT_TIMEOUT).await?,
+        _ => {}
     }
     // Graceful shutdown waits for clients to hang up; a worker that never does must not hold
     // the coordinator open, so the wait is bounded.

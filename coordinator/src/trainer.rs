@@ -163,8 +163,11 @@ impl Trainer {
                 self.peers.shutdown(reason).await;
             }
             Err(e) => {
-                // Keep what was computed: the state is that of the last completed step.
-                if self.state.step > self.last_checkpoint {
+                // Keep what was computed: the state is that of the last completed step. Not
+                // after a divergence: those weights are already ruined, and saving them would
+                // prune a good checkpoint.
+                let diverged = matches!(e, CoordinatorError::Worker { diverged: true, .. });
+                if self.state.step > self.last_checkpoint && !diverged {
                     match self.save_checkpoint() {
                         Ok(()) => warn!(step = self.state.step, "saved a checkpoint of the last completed step"),
                         Err(save) => warn!(error = %save, "could not save the emergency checkpoint"),
@@ -276,7 +279,7 @@ impl Trainer {
             .iter()
             .position(|l| !(l.sum_d_real + l.sum_d_fake + l.sum_g).is_finite())
         {
-            return Err(self.peers.fault(
+            let mut fault = self.peers.fault(
                 rank,
                 step,
                 "evaluate",
@@ -284,7 +287,11 @@ impl Trainer {
                     "reported non-finite losses (loss_d {loss_d}, loss_g {loss_g}): training has diverged; \
                      lower the learning rates and resume from an earlier checkpoint"
                 ),
-            ));
+            );
+            if let CoordinatorError::Worker { diverged, .. } = &mut fault {
+                *diverged = true;
+            }
+            return Err(fault);
         }
         let plan = decide_balance(loss_d, loss_g, self.spec.train.balance);
         let StepPlan { train_d, train_g } = plan;

@@ -118,6 +118,13 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
             })
             .await;
     }
+    // End our half of the session properly, so the coordinator sees a clean close rather than
+    // a reset, and give it a moment to arrive before the process exits.
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
     compute_result?;
     stream_result
 }

@@ -75,6 +75,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     }) = args.command
     {
         anyhow::ensure!(count >= 1, "--count must be at least 1");
+        anyhow::ensure!(
+            out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")),
+            "--out {} must name a .png file",
+            out.display()
+        );
         let device = device::resolve(&device)?;
         generate::generate(&checkpoint, count, seed, device, &out)
             .with_context(|| format!("failed to generate from {}", checkpoint.display()))?;
