@@ -474,3 +474,32 @@ async fn non_finite_losses_stop_the_run_naming_the_worker() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_run_saves_no_checkpoint_of_its_ruined_weights() {
+    let data = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    tiny_dataset(data.path());
+    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 1, 5), run.path(), false, None).await;
+    let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
+    let mut replicas = receive_initial(&mut workers).await;
+    // Step 1 completes: D is far ahead (0.2 * 1.35 < 2.0), so only G trains.
+    evaluate(&mut workers, 1, (0.2, 0.2, 2.0), &replicas).await;
+    assert_eq!(expect_plan(&mut workers, 1).await, (false, true));
+    let (g_len, bn_len) = (workers[0].g_len(), workers[0].bn_len());
+    workers[0]
+        .upload(1, pb::Phase::Generator, &vec![0.5; g_len], 2, vec![1.0; bn_len])
+        .await;
+    let (_, _, g, bn) = workers[0].recv_params().await;
+    (replicas.g, replicas.bn) = (g, bn);
+    // Step 2 reports NaN: the run stops and checkpoints nothing, since what it holds may
+    // already be ruined and saving it would prune a good checkpoint.
+    evaluate(&mut workers, 2, (f64::NAN, 0.2, 2.0), &replicas).await;
+    let err = coordinator
+        .finish(Duration::from_secs(30))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("diverged"), "{err}");
+    assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
+}
