@@ -31,6 +31,15 @@ fn tiny_spec(data: &Path, workers: u32, steps: u64) -> JobSpec {
     JobSpec::parse(&text, "tiny").unwrap()
 }
 
+/// A coordinator in this process on the tiny dataset; the folders live as long as the guards.
+async fn tiny_cluster(workers: u32, steps: u64) -> (tempfile::TempDir, tempfile::TempDir, TestCoordinator) {
+    let data = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    tiny_dataset(data.path());
+    let coordinator = TestCoordinator::start(tiny_spec(data.path(), workers, steps), run.path(), false, None).await;
+    (data, run, coordinator)
+}
+
 /// Deterministic, irregular values, so rounding depends on the order of summation.
 fn pseudo_random(seed: u64, len: usize) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -290,10 +299,7 @@ async fn averages_in_rank_order_updates_exactly_and_follows_the_balance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drifted_replica_stops_the_run_naming_the_worker() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 2, 3), run.path(), false, None).await;
+    let (_data, _run, coordinator) = tiny_cluster(2, 3).await;
     let mut workers = vec![
         FakeWorker::join(&coordinator.url()).await,
         FakeWorker::join(&coordinator.url()).await,
@@ -331,10 +337,7 @@ async fn a_drifted_replica_stops_the_run_naming_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gradient_of_the_wrong_length_is_refused_naming_the_worker() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 1, 3), run.path(), false, None).await;
+    let (_data, run, coordinator) = tiny_cluster(1, 3).await;
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
     let replicas = receive_initial(&mut workers).await;
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
@@ -357,10 +360,7 @@ async fn a_gradient_of_the_wrong_length_is_refused_naming_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_beyond_the_spec_is_refused_at_join() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 1, 1), run.path(), false, None).await;
+    let (_data, _run, coordinator) = tiny_cluster(1, 1).await;
     let _first = FakeWorker::join(&coordinator.url()).await;
     let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
         .await
@@ -406,10 +406,7 @@ async fn a_second_coordinator_on_the_same_run_directory_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_waiting_for_workers_ends_at_once_and_dismisses_who_came() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let mut coordinator = TestCoordinator::start(tiny_spec(data.path(), 2, 3), run.path(), false, None).await;
+    let (_data, _run, mut coordinator) = tiny_cluster(2, 3).await;
     let mut early = FakeWorker::join(&coordinator.url()).await;
     coordinator.stop();
     let summary = coordinator.finish(Duration::from_secs(10)).await.expect("a clean stop");
@@ -422,11 +419,8 @@ async fn a_stop_while_waiting_for_workers_ends_at_once_and_dismisses_who_came() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_leaves_before_the_start_is_replaced() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
     // Two places, so one departure happens while the coordinator is still gathering.
-    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 2, 1), run.path(), false, None).await;
+    let (_data, _run, coordinator) = tiny_cluster(2, 1).await;
     let leaver = FakeWorker::join(&coordinator.url()).await;
     assert_eq!(leaver.rank, 0);
     drop(leaver);
@@ -457,10 +451,7 @@ async fn a_worker_that_leaves_before_the_start_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_finite_losses_stop_the_run_naming_the_worker() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 1, 3), run.path(), false, None).await;
+    let (_data, _run, coordinator) = tiny_cluster(1, 3).await;
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
     let replicas = receive_initial(&mut workers).await;
     evaluate(&mut workers, 1, (f64::NAN, 1.0, 1.0), &replicas).await;
@@ -477,10 +468,7 @@ async fn non_finite_losses_stop_the_run_naming_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_diverged_run_saves_no_checkpoint_of_its_ruined_weights() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let coordinator = TestCoordinator::start(tiny_spec(data.path(), 1, 5), run.path(), false, None).await;
+    let (_data, run, coordinator) = tiny_cluster(1, 5).await;
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
     let mut replicas = receive_initial(&mut workers).await;
     // Step 1 completes: D is far ahead (0.2 * 1.35 < 2.0), so only G trains.
