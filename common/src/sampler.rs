@@ -74,16 +74,17 @@ impl BatchSampler {
         shuffle(&mut self.order, seed);
     }
 
-    pub fn rank(&self) -> u32 {
-        self.rank
-    }
-
-    pub fn shard(&self) -> &[u32] {
-        &self.shard
-    }
-
     pub fn state(&self) -> SamplerState {
         self.state
+    }
+
+    /// Goes back to an earlier position (a step that was undone).
+    pub fn rewind(&mut self, state: SamplerState) {
+        let epoch_changed = state.epoch != self.state.epoch;
+        self.state = state;
+        if epoch_changed {
+            self.reshuffle();
+        }
     }
 
     /// The next `batch` dataset indices, continuing into the next epoch when this one runs out.
@@ -130,6 +131,16 @@ mod tests {
         // The next batch starts epoch 1 with a new order.
         sampler.next_batch(3);
         assert_eq!(sampler.state(), SamplerState { epoch: 1, cursor: 3 });
+    }
+
+    #[test]
+    fn rewinding_across_an_epoch_draws_the_same_batches_again() {
+        let mut sampler = BatchSampler::new(2, 0, (0..10).collect(), SamplerState::default());
+        sampler.next_batch(8);
+        let before = sampler.state();
+        let first = sampler.next_batch(8); // crosses into epoch 1
+        sampler.rewind(before);
+        assert_eq!(sampler.next_batch(8), first);
     }
 
     #[test]

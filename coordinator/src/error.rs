@@ -23,8 +23,18 @@ pub enum CoordinatorError {
         step: u64,
         phase: &'static str,
         message: String,
-        /// The worker's losses were not finite: the parameters are ruined.
-        diverged: bool,
+    },
+    /// A worker's losses were not finite: the parameters are ruined.
+    #[error(
+        "worker {worker} ({host}) at step {step}, phase evaluate: reported non-finite losses (loss_d {loss_d}, \
+         loss_g {loss_g}): training has diverged; lower the learning rates and resume from an earlier checkpoint"
+    )]
+    Diverged {
+        worker: u64,
+        host: String,
+        step: u64,
+        loss_d: f64,
+        loss_g: f64,
     },
     /// Not enough workers joined in time.
     #[error("only {joined} of {expected} workers joined within {secs} s")]

@@ -123,7 +123,6 @@ impl Peers {
             step,
             phase,
             message: message.into(),
-            diverged: false,
         }
     }
 

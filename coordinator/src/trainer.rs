@@ -41,13 +41,16 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
-/// One network's master copy with its optimizer, the uploads towards it and an undo buffer.
+/// One network's optimizer, the uploads towards it, and a copy of its state from before this
+/// step's update (buffers allocated once and reused every step).
 #[derive(Debug)]
 struct NetSlot {
     optimizer: RmsProp,
     uploads: Vec<Upload>,
     average: Vec<f32>,
-    undo: Option<NetState>,
+    undo: NetState,
+    /// Set once `undo` holds the state from before this step's update.
+    updated: bool,
 }
 
 impl NetSlot {
@@ -56,7 +59,11 @@ impl NetSlot {
             optimizer,
             uploads: (0..workers).map(|_| Upload::new(len)).collect(),
             average: vec![0.0; len],
-            undo: None,
+            undo: NetState {
+                params: vec![0.0; len],
+                mean_square: vec![0.0; len],
+            },
+            updated: false,
         }
     }
 }
@@ -166,7 +173,7 @@ impl Trainer {
                 // Keep what was computed: the state is that of the last completed step. Not
                 // after a divergence: those weights are already ruined, and saving them would
                 // prune a good checkpoint.
-                let diverged = matches!(e, CoordinatorError::Worker { diverged: true, .. });
+                let diverged = matches!(e, CoordinatorError::Diverged { .. });
                 if self.state.step > self.last_checkpoint && !diverged {
                     match self.save_checkpoint() {
                         Ok(()) => warn!(step = self.state.step, "saved a checkpoint of the last completed step"),
@@ -234,19 +241,22 @@ impl Trainer {
     async fn train_step(&mut self, step: u64) -> Result<StepRecord> {
         let samplers_before: Vec<_> = self.samplers.iter().map(BatchSampler::state).collect();
         let bn_before = self.state.batch_norm.clone();
-        self.d.undo = None;
-        self.g.undo = None;
+        self.d.updated = false;
+        self.g.updated = false;
         let result = self.try_step(step).await;
         if result.is_err() {
             for (sampler, state) in self.samplers.iter_mut().zip(samplers_before) {
-                *sampler = BatchSampler::new(self.spec.train.seed, sampler.rank(), sampler.shard().to_vec(), state);
+                sampler.rewind(state);
             }
             self.state.batch_norm = bn_before;
-            if let Some(undo) = self.d.undo.take() {
-                self.state.discriminator = undo;
-            }
-            if let Some(undo) = self.g.undo.take() {
-                self.state.generator = undo;
+            for (slot, master) in [
+                (&self.d, &mut self.state.discriminator),
+                (&self.g, &mut self.state.generator),
+            ] {
+                if slot.updated {
+                    master.params.copy_from_slice(&slot.undo.params);
+                    master.mean_square.copy_from_slice(&slot.undo.mean_square);
+                }
             }
         }
         result
@@ -279,19 +289,14 @@ impl Trainer {
             .iter()
             .position(|l| !(l.sum_d_real + l.sum_d_fake + l.sum_g).is_finite())
         {
-            let mut fault = self.peers.fault(
-                rank,
+            let info = self.peers.info(rank);
+            return Err(CoordinatorError::Diverged {
+                worker: info.id,
+                host: info.host.clone(),
                 step,
-                "evaluate",
-                format!(
-                    "reported non-finite losses (loss_d {loss_d}, loss_g {loss_g}): training has diverged; \
-                     lower the learning rates and resume from an earlier checkpoint"
-                ),
-            );
-            if let CoordinatorError::Worker { diverged, .. } = &mut fault {
-                *diverged = true;
-            }
-            return Err(fault);
+                loss_d,
+                loss_g,
+            });
         }
         let plan = decide_balance(loss_d, loss_g, self.spec.train.balance);
         let StepPlan { train_d, train_g } = plan;
@@ -445,7 +450,9 @@ impl Trainer {
         };
         let batch_norm = &mut self.state.batch_norm;
         tokio::task::block_in_place(|| {
-            slot.undo = Some(master.clone());
+            slot.undo.params.copy_from_slice(&master.params);
+            slot.undo.mean_square.copy_from_slice(&master.mean_square);
+            slot.updated = true;
             let contributions: Vec<(&[f32], u32)> = slot.uploads.iter().map(|u| (u.values(), u.samples)).collect();
             weighted_average(&contributions, &mut slot.average);
             slot.optimizer

@@ -132,6 +132,28 @@ fn an_empty_dataset_is_refused_before_any_worker_starts() {
     assert!(!stderr.contains("started local worker"), "{stderr}");
 }
 
+/// The README's main command on a spec in a test folder: a coordinator with two local workers
+/// of one thread each, on the shared faces.
+fn local_cluster_command(spec: &std::path::Path, run: &std::path::Path) -> Command {
+    let mut command = Command::new(binary("forger-coordinator"));
+    command
+        .arg("--spec")
+        .arg(spec)
+        .arg("--data")
+        .arg(shared_faces())
+        .arg("--out")
+        .arg(run)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--local-workers",
+            "2",
+            "--local-worker-threads",
+            "1",
+        ]);
+    command
+}
+
 #[test]
 fn the_main_command_trains_with_local_workers() {
     let dir = tempfile::tempdir().unwrap();
@@ -143,23 +165,7 @@ fn the_main_command_trains_with_local_workers() {
     )
     .unwrap();
     let run = dir.path().join("run");
-    let out = Command::new(binary("forger-coordinator"))
-        .arg("--spec")
-        .arg(&spec)
-        .arg("--data")
-        .arg(shared_faces())
-        .arg("--out")
-        .arg(&run)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--local-workers",
-            "2",
-            "--local-worker-threads",
-            "1",
-        ])
-        .output()
-        .unwrap();
+    let out = local_cluster_command(&spec, &run).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("finished at step 6"), "{stderr}");
@@ -184,24 +190,8 @@ fn ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes() {
     .unwrap();
     let run = dir.path().join("run");
     let coordinator = |resume: bool| {
-        let mut command = Command::new(binary("forger-coordinator"));
-        command
-            .arg("--spec")
-            .arg(&spec)
-            .arg("--data")
-            .arg(shared_faces())
-            .arg("--out")
-            .arg(&run)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--local-workers",
-                "2",
-                "--local-worker-threads",
-                "1",
-            ])
-            .stderr(std::process::Stdio::piped())
-            .process_group(0);
+        let mut command = local_cluster_command(&spec, &run);
+        command.stderr(std::process::Stdio::piped()).process_group(0);
         if resume {
             command.arg("--resume");
         }

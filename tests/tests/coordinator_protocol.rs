@@ -40,6 +40,15 @@ async fn tiny_cluster(workers: u32, steps: u64) -> (tempfile::TempDir, tempfile:
     (data, run, coordinator)
 }
 
+/// The error a run ends with; the run must fail within 30 s.
+async fn run_error(coordinator: TestCoordinator) -> String {
+    coordinator
+        .finish(Duration::from_secs(30))
+        .await
+        .expect_err("the run should fail")
+        .to_string()
+}
+
 /// Deterministic, irregular values, so rounding depends on the order of summation.
 fn pseudo_random(seed: u64, len: usize) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -324,11 +333,7 @@ async fn a_drifted_replica_stops_the_run_naming_the_worker() {
         }))
         .await;
     }
-    let err = coordinator
-        .finish(Duration::from_secs(30))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = run_error(coordinator).await;
     assert!(
         err.contains("worker 2") && err.contains("step 1") && err.contains("drifted"),
         "{err}"
@@ -345,11 +350,7 @@ async fn a_gradient_of_the_wrong_length_is_refused_naming_the_worker() {
     let short = vec![0.0f32; workers[0].d_len() - 1];
     let bn = vec![1.0; workers[0].bn_len()];
     workers[0].upload(1, pb::Phase::Discriminator, &short, 2, bn).await;
-    let err = coordinator
-        .finish(Duration::from_secs(30))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = run_error(coordinator).await;
     assert!(
         err.contains("worker 1") && err.contains("discriminator") && err.contains("ended after"),
         "{err}"
@@ -397,7 +398,7 @@ async fn a_second_coordinator_on_the_same_run_directory_is_refused() {
     // The first waits for its worker; the second must not share its folder.
     let _worker = FakeWorker::join(&first.url()).await;
     let second = TestCoordinator::start(tiny_spec(data.path(), 1, 1), run.path(), false, None).await;
-    let err = second.finish(Duration::from_secs(30)).await.unwrap_err().to_string();
+    let err = run_error(second).await;
     assert!(err.contains("another coordinator is using it"), "{err}");
     first.stop();
     let summary = first.finish(Duration::from_secs(30)).await.unwrap();
@@ -455,11 +456,7 @@ async fn non_finite_losses_stop_the_run_naming_the_worker() {
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
     let replicas = receive_initial(&mut workers).await;
     evaluate(&mut workers, 1, (f64::NAN, 1.0, 1.0), &replicas).await;
-    let err = coordinator
-        .finish(Duration::from_secs(30))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = run_error(coordinator).await;
     assert!(
         err.contains("worker 1") && err.contains("non-finite") && err.contains("step 1"),
         "{err}"
@@ -483,11 +480,7 @@ async fn a_diverged_run_saves_no_checkpoint_of_its_ruined_weights() {
     // Step 2 reports NaN: the run stops and checkpoints nothing, since what it holds may
     // already be ruined and saving it would prune a good checkpoint.
     evaluate(&mut workers, 2, (f64::NAN, 0.2, 2.0), &replicas).await;
-    let err = coordinator
-        .finish(Duration::from_secs(30))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = run_error(coordinator).await;
     assert!(err.contains("diverged"), "{err}");
     assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
 }

@@ -76,7 +76,8 @@ pub fn run(
     let replica = Replica::new(&job.spec.model, size, job.device)?;
     let count = shard.indices.len() as i64;
     let store = Tensor::f_from_slice(&shard.pixels)?.f_view([count, size as i64, size as i64, 3])?;
-    let worker_spec = job.spec.clone();
+    let d_len = layout::discriminator_layout(&job.spec.model, size).numel();
+    let g_len = layout::generator_layout(&job.spec.model).numel();
     let positions = shard.indices.iter().enumerate().map(|(p, &i)| (i, p as i64)).collect();
     let mut worker = Worker {
         job,
@@ -86,8 +87,8 @@ pub fn run(
         outbound,
         current: None,
         download: None,
-        d_len: layout::discriminator_layout(&job_model(&worker_spec), size).numel(),
-        g_len: layout::generator_layout(&job_model(&worker_spec)).numel(),
+        d_len,
+        g_len,
     };
     while let Ok(message) = commands.recv() {
         match message.kind {
@@ -100,10 +101,6 @@ pub fn run(
         }
     }
     Ok(())
-}
-
-fn job_model(spec: &JobSpec) -> forger_common::spec::ModelSpec {
-    spec.model.clone()
 }
 
 impl Worker {
