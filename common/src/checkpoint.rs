@@ -175,7 +175,9 @@ pub fn encode(spec: &JobSpec, state: &TrainingState) -> Vec<u8> {
 
 /// Writes a checkpoint atomically.
 pub fn save(path: &Path, spec: &JobSpec, state: &TrainingState) -> Result<()> {
-    atomic::write_atomic(path, &encode(spec, state))
+    atomic::write_atomic_with_hook(path, &encode(spec, state), || {
+        crate::faults::crash_point("checkpoint-before-rename", state.step)
+    })
 }
 
 /// Reads and verifies a checkpoint: format, checksum, and every tensor's shape against the

@@ -10,6 +10,7 @@
 //! - [`seeds`]: the per-step seeds for noise and dropout.
 //! - [`checkpoint`]: the training state and its atomic, checksummed safetensors file.
 //! - [`atomic`]: crash-safe file replacement.
+//! - [`faults`]: fail points that let tests crash a process at a chosen moment.
 //! - [`grid`]: sample images tiled into one PNG.
 //! - [`wire`]: f32 buffers to and from little-endian bytes.
 
@@ -17,6 +18,7 @@ pub mod atomic;
 pub mod balance;
 pub mod checkpoint;
 mod error;
+pub mod faults;
 pub mod grid;
 pub mod init;
 pub mod layout;

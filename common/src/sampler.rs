@@ -49,17 +49,17 @@ pub struct SamplerState {
 #[derive(Debug, Clone)]
 pub struct BatchSampler {
     seed: u64,
-    rank: u32,
+    shard_index: u32,
     shard: Vec<u32>,
     order: Vec<u32>,
     state: SamplerState,
 }
 
 impl BatchSampler {
-    pub fn new(seed: u64, rank: u32, shard: Vec<u32>, state: SamplerState) -> Self {
+    pub fn new(seed: u64, shard_index: u32, shard: Vec<u32>, state: SamplerState) -> Self {
         let mut sampler = BatchSampler {
             seed,
-            rank,
+            shard_index,
             order: Vec::new(),
             shard,
             state,
@@ -70,7 +70,11 @@ impl BatchSampler {
 
     fn reshuffle(&mut self) {
         self.order.clone_from(&self.shard);
-        let seed = seeds::derive(self.seed, Stream::Epoch, &[u64::from(self.rank), self.state.epoch]);
+        let seed = seeds::derive(
+            self.seed,
+            Stream::Epoch,
+            &[u64::from(self.shard_index), self.state.epoch],
+        );
         shuffle(&mut self.order, seed);
     }
 

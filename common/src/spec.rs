@@ -100,15 +100,30 @@ pub struct TrainSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
-    /// Workers the coordinator waits for before the first step.
+    /// Data shards, each contributing one batch per step; also the most workers that train at
+    /// once. With fewer workers, some hold several shards, so the math of a step never depends
+    /// on how many workers computed it.
     #[serde(default = "default_workers")]
     pub workers: u32,
-    /// How long the coordinator waits for the workers to join, in seconds.
+    /// Below this many workers the run pauses until more join.
+    #[serde(default = "default_min_workers")]
+    pub min_workers: u32,
+    /// At the start, how long the coordinator waits for `min_workers` to join, in seconds.
     #[serde(default = "default_join_timeout_secs")]
     pub join_timeout_secs: u64,
-    /// How long one phase of one step may take on a worker before it counts as lost.
+    /// Once `min_workers` are there at the start, how long to wait for the rest before
+    /// training begins without them (they join at a later step).
+    #[serde(default = "default_start_grace_secs")]
+    pub start_grace_secs: u64,
+    /// How long one phase may take per shard a worker holds before it is evicted.
     #[serde(default = "default_step_timeout_secs")]
     pub step_timeout_secs: u64,
+    /// How often every worker tells the coordinator it is alive, in seconds.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// A worker silent for this long is evicted, whatever the step is doing.
+    #[serde(default = "default_heartbeat_timeout_secs")]
+    pub heartbeat_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,11 +182,23 @@ fn default_check_params_every() -> u64 {
 fn default_workers() -> u32 {
     2
 }
+fn default_min_workers() -> u32 {
+    1
+}
 fn default_join_timeout_secs() -> u64 {
     600
 }
+fn default_start_grace_secs() -> u64 {
+    10
+}
 fn default_step_timeout_secs() -> u64 {
     300
+}
+fn default_heartbeat_secs() -> u64 {
+    1
+}
+fn default_heartbeat_timeout_secs() -> u64 {
+    5
 }
 fn default_checkpoint_every() -> u64 {
     500
@@ -215,8 +242,12 @@ impl Default for ClusterSpec {
     fn default() -> Self {
         ClusterSpec {
             workers: default_workers(),
+            min_workers: default_min_workers(),
             join_timeout_secs: default_join_timeout_secs(),
+            start_grace_secs: default_start_grace_secs(),
             step_timeout_secs: default_step_timeout_secs(),
+            heartbeat_secs: default_heartbeat_secs(),
+            heartbeat_timeout_secs: default_heartbeat_timeout_secs(),
         }
     }
 }
@@ -357,6 +388,40 @@ impl JobSpec {
             self.cluster.workers >= 1,
             "cluster.workers",
             "expected at least 1, found 0".into(),
+        );
+        let cluster = &self.cluster;
+        check(
+            (1..=cluster.workers.max(1)).contains(&cluster.min_workers),
+            "cluster.min_workers",
+            format!(
+                "expected 1 to cluster.workers = {}, found {}",
+                cluster.workers, cluster.min_workers
+            ),
+        );
+        check(
+            cluster.start_grace_secs <= MAX_TIMEOUT_SECS,
+            "cluster.start_grace_secs",
+            format!(
+                "expected 0 to {MAX_TIMEOUT_SECS} seconds, found {}",
+                cluster.start_grace_secs
+            ),
+        );
+        check(
+            (1..=MAX_TIMEOUT_SECS).contains(&cluster.heartbeat_secs),
+            "cluster.heartbeat_secs",
+            format!(
+                "expected 1 to {MAX_TIMEOUT_SECS} seconds, found {}",
+                cluster.heartbeat_secs
+            ),
+        );
+        check(
+            cluster.heartbeat_timeout_secs > cluster.heartbeat_secs
+                && cluster.heartbeat_timeout_secs <= MAX_TIMEOUT_SECS,
+            "cluster.heartbeat_timeout_secs",
+            format!(
+                "expected more than cluster.heartbeat_secs = {} and at most {MAX_TIMEOUT_SECS} seconds, found {}",
+                cluster.heartbeat_secs, cluster.heartbeat_timeout_secs
+            ),
         );
         check(
             (1..=MAX_TIMEOUT_SECS).contains(&self.cluster.join_timeout_secs),

@@ -15,7 +15,8 @@ pub enum CoordinatorError {
     /// The run directory holds something that conflicts with the request.
     #[error("run directory {path}: {message}")]
     RunDir { path: PathBuf, message: String },
-    /// A worker broke the protocol, failed, disappeared or timed out.
+    /// A worker broke the protocol, failed, disappeared or timed out. The trainer evicts it
+    /// and carries on without it.
     #[error("worker {worker} ({host}) at step {step}, phase {phase}: {message}")]
     Worker {
         worker: u64,
@@ -24,24 +25,22 @@ pub enum CoordinatorError {
         phase: &'static str,
         message: String,
     },
-    /// A worker's losses were not finite: the parameters are ruined.
+    /// Every shard's losses stayed non-finite for many steps in a row: the model itself has
+    /// diverged (no non-finite value was ever applied, so the last checkpoint is sound).
     #[error(
-        "worker {worker} ({host}) at step {step}, phase evaluate: reported non-finite losses (loss_d {loss_d}, \
-         loss_g {loss_g}): training has diverged; lower the learning rates and resume from an earlier checkpoint"
+        "at step {step}: no shard gave finite losses for {steps} steps in a row: training has diverged; lower the \
+         learning rates and resume from an earlier checkpoint"
     )]
-    Diverged {
-        worker: u64,
-        host: String,
-        step: u64,
-        loss_d: f64,
-        loss_g: f64,
-    },
+    Diverged { step: u64, steps: u32 },
     /// Not enough workers joined in time.
     #[error("only {joined} of {expected} workers joined within {secs} s")]
     JoinTimeout { joined: usize, expected: usize, secs: u64 },
     /// A request arrived that the coordinator cannot serve.
     #[error("{0}")]
     Refused(String),
+    /// Every worker place is taken; a joining worker should try again later.
+    #[error("{0}")]
+    ClusterFull(String),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -64,6 +63,7 @@ impl From<CoordinatorError> for tonic::Status {
         let message = error.to_string();
         match error {
             CoordinatorError::Refused(_) => tonic::Status::failed_precondition(message),
+            CoordinatorError::ClusterFull(_) => tonic::Status::resource_exhausted(message),
             CoordinatorError::Worker { .. } => tonic::Status::invalid_argument(message),
             _ => tonic::Status::internal(message),
         }

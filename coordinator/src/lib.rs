@@ -5,10 +5,12 @@
 //! - [`serve`]: the entry point; takes a bound listener and a shutdown future.
 //! - `dataset`: the image folder into training bytes.
 //! - `registry`, `service`: Join, FetchShard and Session over gRPC.
-//! - `peers`: the trainer's handle on the worker sessions.
+//! - `peers`: the trainer's handle on the worker sessions, with heartbeats and eviction.
+//! - `assignment`: which worker holds which data shards.
 //! - `trainer`: the step loop; `reduce`: chunk assembly and rank-order averaging.
 //! - `run_dir`: checkpoints, samples, metrics; `local`: `--local-workers`.
 
+mod assignment;
 pub mod dataset;
 mod error;
 pub mod local;

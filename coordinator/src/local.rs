@@ -68,27 +68,26 @@ impl LocalCluster {
         Ok(LocalCluster { children })
     }
 
-    /// Resolves when any worker exits with a failure, naming it; never resolves otherwise.
-    pub async fn first_failure(&mut self) -> CoordinatorError {
-        let mut exited = vec![false; self.children.len()];
-        loop {
-            let waits = self
-                .children
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| !exited[*i])
-                .map(|(i, c)| Box::pin(async move { (i, c.wait().await) }));
-            let waits: Vec<_> = waits.collect();
-            if waits.is_empty() {
-                return futures::future::pending().await;
+    /// Resolves when every worker has exited and at least one failed, naming the first
+    /// failure: then no local worker will ever join. Never resolves otherwise.
+    pub async fn all_failed(&mut self) -> CoordinatorError {
+        let mut first_failure = None;
+        for (i, child) in self.children.iter_mut().enumerate() {
+            match child.wait().await {
+                Ok(status) if status.success() => {}
+                Ok(status) => {
+                    first_failure.get_or_insert_with(|| format!("local worker {i} exited with {status}"));
+                }
+                Err(e) => {
+                    first_failure.get_or_insert_with(|| format!("failed to wait for local worker {i}: {e}"));
+                }
             }
-            let ((i, status), _, _) = futures::future::select_all(waits).await;
-            exited[i] = true;
-            match status {
-                Ok(s) if s.success() => continue,
-                Ok(s) => return CoordinatorError::Refused(format!("local worker {i} exited with {s}")),
-                Err(e) => return CoordinatorError::io(format!("failed to wait for local worker {i}"), e),
-            }
+        }
+        match first_failure {
+            Some(message) => CoordinatorError::Refused(format!(
+                "every local worker exited before training could start; {message}"
+            )),
+            None => futures::future::pending().await,
         }
     }
 
@@ -108,25 +107,20 @@ impl LocalCluster {
         }
     }
 
-    /// Waits for every worker to exit after it was told to shut down.
-    pub async fn wait(mut self, timeout: std::time::Duration) -> Result<()> {
+    /// Waits for every worker to exit after it was told to shut down. A worker that failed
+    /// or had to be killed is reported, but the run's outcome is the coordinator's to judge:
+    /// the cluster carries on without lost workers.
+    pub async fn wait(mut self, timeout: std::time::Duration) {
         for (i, child) in self.children.iter_mut().enumerate() {
             match tokio::time::timeout(timeout, child.wait()).await {
                 Ok(Ok(status)) if status.success() => {}
-                Ok(Ok(status)) => {
-                    return Err(CoordinatorError::Refused(format!(
-                        "local worker {i} exited with {status}"
-                    )));
-                }
-                Ok(Err(e)) => return Err(CoordinatorError::io(format!("failed to wait for local worker {i}"), e)),
+                Ok(Ok(status)) => tracing::warn!(worker = i, %status, "local worker exited with a failure"),
+                Ok(Err(e)) => tracing::warn!(worker = i, error = %e, "failed to wait for local worker"),
                 Err(_) => {
+                    tracing::warn!(worker = i, "local worker did not exit; killing it");
                     let _ = child.kill().await;
-                    return Err(CoordinatorError::Refused(format!(
-                        "local worker {i} did not exit; killed it"
-                    )));
                 }
             }
         }
-        Ok(())
     }
 }

@@ -43,6 +43,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     use std::io::IsTerminal as _;
+    // Crash tests configure fail points through FAILPOINTS; unset, this does nothing.
+    let _fail_points = forger_common::faults::setup();
     tracing_subscriber::fmt()
         // Colour only for people: log files and pipes get plain text.
         .with_ansi(std::io::stderr().is_terminal())

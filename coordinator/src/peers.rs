@@ -1,5 +1,9 @@
-//! The trainer's side of the worker sessions: sending to a rank, and waiting for the next
-//! message from any of them with a deadline that names who was late.
+//! The trainer's side of the worker sessions: who is connected and which shards each holds,
+//! sending with a deadline, and waiting for the next message from any of them while watching
+//! every worker's heartbeat.
+//!
+//! A worker's session may open at any time; it becomes a peer at once, but takes part in
+//! training only after the trainer has assigned it shards between two steps.
 
 use std::time::Duration;
 
@@ -15,18 +19,47 @@ use crate::service::Inbound;
 
 /// One connected worker.
 #[derive(Debug)]
-struct Peer {
-    info: WorkerInfo,
+pub struct Peer {
+    pub info: WorkerInfo,
     outbound: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    /// The shards whose data the worker holds; empty until it is admitted.
+    pub shards: Vec<u32>,
+    /// Whether the worker's replica holds the master parameters of the current step.
+    pub has_params: bool,
+    /// The worker asked to leave; it is dismissed at the next step boundary.
+    pub leaving: bool,
+    last_seen: Instant,
 }
 
-/// All workers of the run, indexed by rank.
+impl Peer {
+    /// Whether the worker computes for the step in flight.
+    pub fn trains(&self) -> bool {
+        !self.shards.is_empty()
+    }
+}
+
+/// What ended a [`Peers::wait`].
+#[derive(Debug)]
+pub enum Event {
+    /// A message from a peer (heartbeats and leave requests are handled inside).
+    Message(u64, pb::worker_message::Kind),
+    /// A worker connected, left or was evicted while idle.
+    Membership,
+    /// The shutdown signal arrived (reported once).
+    Stopped,
+    /// The wait reached its deadline.
+    Timeout,
+}
+
+/// All sessions of the run, in rank order.
 #[derive(Debug)]
 pub struct Peers {
     peers: Vec<Peer>,
     events: mpsc::Receiver<Inbound>,
-    phase_timeout: Duration,
+    registry: Registry,
+    heartbeat_timeout: Duration,
     stop: watch::Receiver<bool>,
+    stopping: bool,
 }
 
 /// After a stop request, how long a step in flight may take before it is abandoned (and
@@ -34,168 +67,181 @@ pub struct Peers {
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 impl Peers {
-    /// Waits until `expected` workers have opened their sessions. A worker that leaves while
-    /// waiting gives its place back to the next one to join; a stop request ends the wait.
-    pub async fn gather(
-        mut events: mpsc::Receiver<Inbound>,
+    pub fn new(
+        events: mpsc::Receiver<Inbound>,
         registry: Registry,
-        join_timeout: Duration,
-        phase_timeout: Duration,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<Peers> {
-        let expected = registry.job().expected_workers;
-        let deadline = Instant::now() + join_timeout;
-        let mut peers: Vec<Peer> = Vec::new();
-        let dismiss = |peers: &[Peer], reason: &str| {
-            let message = shutdown_message(reason);
-            for peer in peers {
-                let _ = peer.outbound.try_send(Ok(message.clone()));
-            }
-        };
-        while peers.len() < expected {
-            let event = tokio::select! {
-                event = tokio::time::timeout_at(deadline, events.recv()) => event,
-                _ = stop.wait_for(|stop| *stop) => {
-                    dismiss(&peers, "the coordinator was stopped before training began");
-                    return Err(CoordinatorError::Interrupted { step: 0 });
-                }
-            };
-            let Ok(event) = event else {
-                let error = CoordinatorError::JoinTimeout {
-                    joined: peers.len(),
-                    expected,
-                    secs: join_timeout.as_secs(),
-                };
-                dismiss(&peers, &error.to_string());
-                return Err(error);
-            };
-            let event = event.ok_or_else(|| CoordinatorError::Refused("the service stopped".into()))?;
-            match event {
-                Inbound::Connected { worker, outbound } => {
-                    info!(
-                        worker = worker.id,
-                        rank = worker.rank,
-                        connected = peers.len() + 1,
-                        expected,
-                        "worker ready"
-                    );
-                    peers.push(Peer { info: worker, outbound });
-                }
-                Inbound::Closed { worker, reason } => {
-                    peers.retain(|p| p.info.id != worker);
-                    registry.release(worker);
-                    warn!(worker, %reason, "a worker left before training began; waiting for another");
-                }
-                Inbound::Message { worker, .. } => {
-                    peers.retain(|p| p.info.id != worker);
-                    registry.release(worker);
-                    warn!(worker, "a worker sent a message before the first step; dropped it");
-                }
-            }
-        }
-        peers.sort_by_key(|p| p.info.rank);
-        Ok(Peers {
-            peers,
+        heartbeat_timeout: Duration,
+        stop: watch::Receiver<bool>,
+    ) -> Peers {
+        Peers {
+            peers: Vec::new(),
             events,
-            phase_timeout,
+            registry,
+            heartbeat_timeout,
             stop,
-        })
+            stopping: false,
+        }
     }
 
-    pub fn len(&self) -> usize {
-        self.peers.len()
+    /// Every connected worker, in rank order.
+    pub fn all(&self) -> &[Peer] {
+        &self.peers
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
+    pub fn all_mut(&mut self) -> &mut [Peer] {
+        &mut self.peers
     }
 
-    pub fn info(&self, rank: usize) -> &WorkerInfo {
-        &self.peers[rank].info
+    /// Workers taking part in training (holding shards), in rank order.
+    pub fn training(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.iter().filter(|p| p.trains())
     }
 
-    /// An error about the worker at `rank`.
-    pub fn fault(&self, rank: usize, step: u64, phase: &'static str, message: impl Into<String>) -> CoordinatorError {
-        let info = &self.peers[rank].info;
+    pub fn get(&self, worker: u64) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.info.id == worker)
+    }
+
+    pub fn get_mut(&mut self, worker: u64) -> Option<&mut Peer> {
+        self.peers.iter_mut().find(|p| p.info.id == worker)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Whether the shutdown signal has been seen.
+    pub fn stopping(&self) -> bool {
+        self.stopping || *self.stop.borrow()
+    }
+
+    /// An error about one worker, to be answered by evicting it.
+    pub fn fault(&self, worker: u64, step: u64, phase: &'static str, message: impl Into<String>) -> CoordinatorError {
+        let host = self
+            .get(worker)
+            .map_or_else(|| "gone".to_string(), |p| p.info.host.clone());
         CoordinatorError::Worker {
-            worker: info.id,
-            host: info.host.clone(),
+            worker,
+            host,
             step,
             phase,
             message: message.into(),
         }
     }
 
-    fn rank_of(&self, worker: u64) -> Option<usize> {
-        self.peers.iter().position(|p| p.info.id == worker)
-    }
-
-    /// Sends to one rank.
+    /// Sends to one worker; a worker that has not made room by `deadline` (it stopped reading)
+    /// is at fault.
     pub async fn send(
         &self,
-        rank: usize,
+        worker: u64,
         message: pb::CoordinatorMessage,
+        deadline: Instant,
         step: u64,
         phase: &'static str,
     ) -> Result<()> {
-        self.peers[rank]
-            .outbound
-            .send(Ok(message))
-            .await
-            .map_err(|_| self.fault(rank, step, phase, "its session is closed"))
+        let Some(peer) = self.get(worker) else {
+            return Err(self.fault(worker, step, phase, "it is no longer connected"));
+        };
+        match tokio::time::timeout_at(deadline, peer.outbound.send(Ok(message))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.fault(worker, step, phase, "its session is closed")),
+            Err(_) => Err(self.fault(worker, step, phase, "it stopped reading its messages")),
+        }
     }
 
-    /// Sends the same messages to every rank, in order.
-    pub async fn broadcast(&self, messages: &[pb::CoordinatorMessage], step: u64, phase: &'static str) -> Result<()> {
-        for rank in 0..self.peers.len() {
+    /// Sends the same messages to each of `workers`, in order.
+    pub async fn send_all(
+        &self,
+        workers: &[u64],
+        messages: &[pb::CoordinatorMessage],
+        deadline: Instant,
+        step: u64,
+        phase: &'static str,
+    ) -> Result<()> {
+        for &worker in workers {
             for message in messages {
-                self.send(rank, message.clone(), step, phase).await?;
+                self.send(worker, message.clone(), deadline, step, phase).await?;
             }
         }
         Ok(())
     }
 
-    /// Tells every worker to leave; a worker that is already gone is not an error here.
-    pub async fn shutdown(&self, reason: &str) {
-        let message = shutdown_message(reason);
+    /// Removes a worker from the run and frees its place. With `rejoin` it is told it may join
+    /// again (it was late, not wrong). Returns whether it was still a peer.
+    pub fn evict(&mut self, worker: u64, reason: &str, rejoin: bool) -> bool {
+        let Some(index) = self.peers.iter().position(|p| p.info.id == worker) else {
+            return false;
+        };
+        let peer = self.peers.remove(index);
+        let _ = peer.outbound.try_send(Ok(shutdown_message(reason, rejoin)));
+        self.registry.release(worker);
+        true
+    }
+
+    /// Tells every worker to leave for good; one that is already gone is not an error here.
+    pub async fn dismiss_all(&mut self, reason: &str) {
+        let message = shutdown_message(reason, false);
         for peer in &self.peers {
-            let _ = peer.outbound.send(Ok(message.clone())).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), peer.outbound.send(Ok(message.clone()))).await;
+        }
+        for peer in self.peers.drain(..) {
+            self.registry.release(peer.info.id);
         }
     }
 
-    /// A deadline for one phase starting now.
-    pub fn phase_deadline(&self) -> Instant {
-        Instant::now() + self.phase_timeout
+    /// Waits until `until` for something to act on. Faults of workers in training (a closed
+    /// session, a reported failure, a missed heartbeat) are errors naming the worker; those of
+    /// workers not yet training only remove them.
+    pub async fn wait(&mut self, until: Instant, step: u64, phase: &'static str) -> Result<Event> {
+        loop {
+            let check_at = self.next_heartbeat_expiry().min(until);
+            let received = tokio::select! {
+                received = tokio::time::timeout_at(check_at, self.events.recv()) => received,
+                _ = self.stop.wait_for(|stop| *stop), if !self.stopping => {
+                    self.stopping = true;
+                    return Ok(Event::Stopped);
+                }
+            };
+            match received {
+                Ok(Some(event)) => {
+                    if let Some(event) = self.absorb(event, step, phase)? {
+                        return Ok(event);
+                    }
+                }
+                Ok(None) => return Err(CoordinatorError::Refused("the service stopped".into())),
+                Err(_) => {
+                    // Nothing is queued, so every arrived message has been seen: silence now is real.
+                    if let Some(event) = self.check_heartbeats(step, phase)? {
+                        return Ok(event);
+                    }
+                    if Instant::now() >= until {
+                        return Ok(Event::Timeout);
+                    }
+                }
+            }
+        }
     }
 
-    /// The next message from any worker of this run, as `(rank, kind)`. A closed session,
-    /// a reported failure, or silence past `deadline` becomes an error naming the worker.
-    /// `waiting_on` lists the ranks still owed a message, to name them on a timeout.
+    /// The next message for the step in flight. Silence past `deadline` is the fault of the
+    /// first worker in `waiting_on`; the message names all of them. A stop request shortens the
+    /// deadline to a grace period and then abandons the step.
     pub async fn next(
         &mut self,
         deadline: Instant,
         step: u64,
         phase: &'static str,
-        waiting_on: &[usize],
-    ) -> Result<(usize, pb::worker_message::Kind)> {
+        waiting_on: &[u64],
+    ) -> Result<(u64, pb::worker_message::Kind)> {
         let mut deadline = deadline;
-        let mut stopping = *self.stop.borrow();
-        if stopping {
+        if self.stopping() {
+            self.stopping = true;
             deadline = deadline.min(Instant::now() + STOP_GRACE);
         }
         loop {
-            let received = tokio::select! {
-                received = tokio::time::timeout_at(deadline, self.events.recv()) => received,
-                _ = self.stop.wait_for(|stop| *stop), if !stopping => {
-                    stopping = true;
-                    deadline = deadline.min(Instant::now() + STOP_GRACE);
-                    continue;
-                }
-            };
-            let event = match received {
-                Ok(Some(event)) => event,
-                Ok(None) => return Err(CoordinatorError::Refused("the service stopped".into())),
-                Err(_) if stopping => {
+            match self.wait(deadline, step, phase).await? {
+                Event::Message(worker, kind) => return Ok((worker, kind)),
+                Event::Membership => {}
+                Event::Stopped => deadline = deadline.min(Instant::now() + STOP_GRACE),
+                Event::Timeout if self.stopping => {
                     warn!(
                         step,
                         phase,
@@ -204,52 +250,119 @@ impl Peers {
                     );
                     return Err(CoordinatorError::Interrupted { step });
                 }
-                Err(_) => {
-                    let rank = waiting_on.first().copied().unwrap_or(0);
-                    let owed: Vec<u64> = waiting_on.iter().map(|&r| self.peers[r].info.id).collect();
+                Event::Timeout => {
+                    let worker = waiting_on.first().copied().unwrap_or(0);
                     return Err(self.fault(
-                        rank,
+                        worker,
                         step,
                         phase,
-                        format!(
-                            "no answer within {} s (workers still owed: {owed:?})",
-                            self.phase_timeout.as_secs()
-                        ),
+                        format!("no answer in time (cluster.step_timeout_secs; workers still owed: {waiting_on:?})"),
                     ));
-                }
-            };
-            match event {
-                Inbound::Message { worker, message } => {
-                    let Some(rank) = self.rank_of(worker) else { continue };
-                    match message.kind {
-                        Some(pb::worker_message::Kind::Failure(failure)) => {
-                            return Err(self.fault(rank, step, phase, format!("reported: {}", failure.message)));
-                        }
-                        Some(kind) => return Ok((rank, kind)),
-                        None => return Err(self.fault(rank, step, phase, "sent an empty message")),
-                    }
-                }
-                Inbound::Closed { worker, reason } => {
-                    if let Some(rank) = self.rank_of(worker) {
-                        return Err(self.fault(rank, step, phase, format!("lost: {reason}")));
-                    }
-                }
-                Inbound::Connected { worker, outbound } => {
-                    // The cluster is fixed once training starts; tell the newcomer so.
-                    let _ = outbound
-                        .send(Err(Status::failed_precondition("the run has already started")))
-                        .await;
-                    info!(worker = worker.id, "refused a session after the start");
                 }
             }
         }
     }
+
+    /// Takes one event from the service; returns what the caller must act on.
+    fn absorb(&mut self, event: Inbound, step: u64, phase: &'static str) -> Result<Option<Event>> {
+        match event {
+            Inbound::Connected { worker, outbound } => {
+                info!(worker = worker.id, rank = worker.rank, host = %worker.host, "worker connected");
+                self.peers.push(Peer {
+                    info: worker,
+                    outbound,
+                    shards: Vec::new(),
+                    has_params: false,
+                    leaving: false,
+                    last_seen: Instant::now(),
+                });
+                self.peers.sort_by_key(|p| p.info.rank);
+                Ok(Some(Event::Membership))
+            }
+            Inbound::Closed { worker, reason } => {
+                let Some(peer) = self.get(worker) else { return Ok(None) };
+                if peer.trains() {
+                    // The trainer evicts it, recording why.
+                    return Err(self.fault(worker, step, phase, format!("lost: {reason}")));
+                }
+                info!(worker, %reason, "a worker not yet training left");
+                self.evict(worker, &reason, false);
+                Ok(Some(Event::Membership))
+            }
+            Inbound::Message {
+                worker,
+                message,
+                arrived,
+            } => {
+                let Some(peer) = self.get_mut(worker) else {
+                    // An evicted worker's last words.
+                    return Ok(None);
+                };
+                peer.last_seen = peer.last_seen.max(arrived);
+                match message.kind {
+                    Some(pb::worker_message::Kind::Heartbeat(_)) => Ok(None),
+                    Some(pb::worker_message::Kind::Leave(leave)) => {
+                        if !peer.leaving {
+                            peer.leaving = true;
+                            info!(worker, reason = %leave.reason, "worker asked to leave; it goes at the end of this step");
+                        }
+                        Ok(Some(Event::Membership))
+                    }
+                    Some(pb::worker_message::Kind::Failure(failure)) => {
+                        let fault = self.fault(worker, step, phase, format!("reported: {}", failure.message));
+                        if self.get(worker).is_some_and(Peer::trains) {
+                            return Err(fault);
+                        }
+                        warn!(%fault, "a worker not yet training failed");
+                        self.evict(worker, "it reported a failure", false);
+                        Ok(Some(Event::Membership))
+                    }
+                    Some(kind) => Ok(Some(Event::Message(worker, kind))),
+                    None => Err(self.fault(worker, step, phase, "sent an empty message")),
+                }
+            }
+        }
+    }
+
+    fn next_heartbeat_expiry(&self) -> Instant {
+        self.peers
+            .iter()
+            .map(|p| p.last_seen + self.heartbeat_timeout)
+            .min()
+            .unwrap_or_else(|| Instant::now() + self.heartbeat_timeout)
+    }
+
+    /// Evicts a worker that has been silent too long. Only called with nothing queued.
+    fn check_heartbeats(&mut self, step: u64, phase: &'static str) -> Result<Option<Event>> {
+        let now = Instant::now();
+        let Some(peer) = self.peers.iter().find(|p| now >= p.last_seen + self.heartbeat_timeout) else {
+            return Ok(None);
+        };
+        let (worker, trains) = (peer.info.id, peer.trains());
+        let message = format!(
+            "sent nothing for {} s (cluster.heartbeat_timeout_secs): presumed hung or dead",
+            self.heartbeat_timeout.as_secs()
+        );
+        let fault = self.fault(worker, step, phase, message);
+        if trains {
+            // The trainer evicts it, recording why. Until then it must not be found silent
+            // again.
+            if let Some(peer) = self.get_mut(worker) {
+                peer.last_seen = now;
+            }
+            return Err(fault);
+        }
+        warn!(%fault, "evicted a silent worker that was not yet training");
+        self.evict(worker, "no heartbeat in time", true);
+        Ok(Some(Event::Membership))
+    }
 }
 
-fn shutdown_message(reason: &str) -> pb::CoordinatorMessage {
+fn shutdown_message(reason: &str, rejoin: bool) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage {
         kind: Some(pb::coordinator_message::Kind::Shutdown(pb::Shutdown {
             reason: reason.to_string(),
+            rejoin,
         })),
     }
 }

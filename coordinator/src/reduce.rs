@@ -1,8 +1,8 @@
-//! The all-reduce: assembling each worker's upload and averaging them in rank order.
+//! The all-reduce: assembling each shard's upload and averaging them in shard order.
 
 use forger_common::wire;
 
-/// One worker's upload for a phase, assembled from its chunks.
+/// One shard's upload for a phase, assembled from its chunks.
 #[derive(Debug)]
 pub struct Upload {
     values: Vec<f32>,
@@ -92,9 +92,15 @@ impl Upload {
     pub fn values(&self) -> &[f32] {
         &self.values
     }
+
+    /// Whether every value and batch-norm statistic is finite: one NaN or infinity would
+    /// spread through the average into every parameter.
+    pub fn is_finite(&self) -> bool {
+        self.values.iter().chain(&self.bn_stats).all(|v| v.is_finite())
+    }
 }
 
-/// The sample-weighted mean of the contributions, summed in the order given (rank order), so
+/// The sample-weighted mean of the contributions, summed in the order given (shard order), so
 /// the result is the same bits on every run. `out` is overwritten.
 pub fn weighted_average(contributions: &[(&[f32], u32)], out: &mut [f32]) {
     let total: u64 = contributions.iter().map(|(_, n)| u64::from(*n)).sum();

@@ -1,6 +1,7 @@
 //! Who has joined the job, and what each worker is entitled to download.
 //!
-//! The gRPC service writes here at Join; the trainer reads it to know ranks and hosts.
+//! The gRPC service writes here at Join; the trainer assigns shards here and frees the place
+//! of a worker it evicts, so that a replacement can join at any time during the run.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +34,8 @@ struct Entry {
     info: WorkerInfo,
     joined_at: Instant,
     connected: bool,
+    /// The shards the trainer assigned; only these may be downloaded.
+    shards: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -82,9 +85,9 @@ impl Registry {
             .retain(|e| e.connected || e.joined_at.elapsed() < RECLAIM_AFTER);
         let taken: Vec<u32> = inner.workers.iter().map(|e| e.info.rank).collect();
         let Some(rank) = (0..expected as u32).find(|r| !taken.contains(r)) else {
-            return Err(CoordinatorError::Refused(format!(
-                "the cluster is full: the job asks for {expected} workers and all have joined (a place held by a \
-                 worker that never opened its session frees {} s after it joined)",
+            return Err(CoordinatorError::ClusterFull(format!(
+                "the cluster is full: the job has places for {expected} workers and all are taken (a lost worker's \
+                 place frees when it is evicted; one that never opened its session, {} s after it joined)",
                 RECLAIM_AFTER.as_secs()
             )));
         };
@@ -100,6 +103,7 @@ impl Registry {
             info: info.clone(),
             joined_at: Instant::now(),
             connected: false,
+            shards: Vec::new(),
         });
         Ok(info)
     }
@@ -121,7 +125,22 @@ impl Registry {
         Some(entry.info.clone())
     }
 
-    /// Frees a worker's place (it left before training began).
+    /// Records the shards a worker may download from now on.
+    pub fn assign(&self, id: u64, shards: &[u32]) {
+        if let Some(entry) = self.lock().workers.iter_mut().find(|e| e.info.id == id) {
+            entry.shards = shards.to_vec();
+        }
+    }
+
+    /// Whether the worker holds a place and was assigned `shard`.
+    pub fn may_fetch(&self, id: u64, shard: u32) -> bool {
+        self.lock()
+            .workers
+            .iter()
+            .any(|e| e.info.id == id && e.shards.contains(&shard))
+    }
+
+    /// Frees a worker's place (it left, or was evicted).
     pub fn release(&self, id: u64) {
         self.lock().workers.retain(|e| e.info.id != id);
     }

@@ -3,6 +3,7 @@
 //! ```text
 //! RUN_DIR/spec.toml
 //! RUN_DIR/metrics.jsonl
+//! RUN_DIR/events.jsonl
 //! RUN_DIR/checkpoints/step-NNNNNNNN.safetensors
 //! RUN_DIR/samples/step-NNNNNNNN.png
 //! ```
@@ -84,6 +85,10 @@ impl RunDir {
         self.root.join("metrics.jsonl")
     }
 
+    pub fn events(&self) -> PathBuf {
+        self.root.join("events.jsonl")
+    }
+
     pub fn spec(&self) -> PathBuf {
         self.root.join("spec.toml")
     }
@@ -117,8 +122,54 @@ pub struct StepRecord {
     pub workers: usize,
     /// Real images the cluster looked at in this step.
     pub images: u64,
-    /// Wall-clock time of the step.
+    /// Wall-clock time of the step, its retries included.
     pub seconds: f64,
+    /// Attempts the step took: more than 1 when a worker was lost mid-step and the step was
+    /// undone and run again.
+    pub attempts: u32,
+    /// Shard contributions left out because their losses or gradients were not finite.
+    pub dropped: u32,
+    /// No shard gave finite losses, so nothing was trained.
+    pub skipped: bool,
+}
+
+/// The cluster's history, one JSON object per line: joins, evictions, pauses, resumes. It is
+/// only ever appended to, across resumes, so it also tells what a crash cost.
+#[derive(Debug)]
+pub struct EventLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl EventLog {
+    pub fn open(path: &Path) -> Result<EventLog> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| CoordinatorError::io(format!("failed to open {}", path.display()), e))?;
+        Ok(EventLog {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Appends `{"time", "step", "event", ...fields}`. A failure to write is logged, not
+    /// raised: the history must never stop the training it describes.
+    pub fn record(&mut self, step: u64, event: &str, fields: serde_json::Value) {
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut line = serde_json::json!({ "time": time, "step": step, "event": event });
+        if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+            line.extend(fields);
+        }
+        let mut text = line.to_string();
+        text.push('\n');
+        if let Err(e) = self.file.write_all(text.as_bytes()) {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not write the event log");
+        }
+    }
 }
 
 /// Appends step records, one JSON object per line.
@@ -200,6 +251,9 @@ mod tests {
             workers: 2,
             images: 32,
             seconds: 0.1,
+            attempts: 1,
+            dropped: 0,
+            skipped: false,
         }
     }
 

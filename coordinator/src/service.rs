@@ -1,8 +1,11 @@
 //! The gRPC face of the coordinator. It only moves bytes: Join and FetchShard answer from the
-//! registry, and each Session stream is handed to the trainer as channels.
+//! registry, and each Session stream is handed to the trainer as channels. Workers may join at
+//! any time; the trainer admits them between steps.
 
 use std::pin::Pin;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use forger_proto::PROTOCOL_VERSION;
 use forger_proto::pb;
@@ -30,8 +33,13 @@ pub enum Inbound {
         worker: WorkerInfo,
         outbound: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
     },
-    /// A message on a worker's Session.
-    Message { worker: u64, message: pb::WorkerMessage },
+    /// A message on a worker's Session, with the time it arrived (so that a backlog the
+    /// trainer has not read yet never looks like a silent worker).
+    Message {
+        worker: u64,
+        message: pb::WorkerMessage,
+        arrived: Instant,
+    },
     /// A worker's Session ended; `reason` says how.
     Closed { worker: u64, reason: String },
 }
@@ -80,14 +88,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ShardRequest>,
     ) -> Result<Response<Self::FetchShardStream>, Status> {
-        let id = request.into_inner().worker_id;
-        let worker = self
-            .registry
-            .worker(id)
-            .ok_or_else(|| Status::not_found(format!("worker {id} has not joined")))?;
+        let pb::ShardRequest { worker_id: id, shard } = request.into_inner();
+        if self.registry.worker(id).is_none() {
+            return Err(Status::not_found(format!("worker {id} holds no place in the job")));
+        }
+        if !self.registry.may_fetch(id, shard) {
+            return Err(Status::permission_denied(format!(
+                "shard {shard} is not assigned to worker {id}"
+            )));
+        }
         let job = self.registry.job();
-        let rank = worker.rank as usize;
-        let stream = async_stream_of_chunks(job, rank);
+        let stream = async_stream_of_chunks(job, shard as usize);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -124,7 +135,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(message)) => {
-                        if events.send(Inbound::Message { worker: id, message }).await.is_err() {
+                        let arrived = Instant::now();
+                        let event = Inbound::Message {
+                            worker: id,
+                            message,
+                            arrived,
+                        };
+                        if events.send(event).await.is_err() {
                             return;
                         }
                     }
@@ -144,13 +161,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 /// whole into messages at once.
 fn async_stream_of_chunks(
     job: std::sync::Arc<crate::registry::Job>,
-    rank: usize,
+    shard: usize,
 ) -> impl Stream<Item = Result<pb::ShardChunk, Status>> + Send + 'static {
-    let shard_len = job.shards[rank].len();
+    let shard_len = job.shards[shard].len();
     let per_chunk = (SHARD_CHUNK_BYTES / job.dataset.image_bytes()).max(1);
     let chunks = shard_len.div_ceil(per_chunk);
     futures::stream::iter(0..chunks).map(move |c| {
-        let indices = &job.shards[rank][c * per_chunk..((c + 1) * per_chunk).min(shard_len)];
+        let indices = &job.shards[shard][c * per_chunk..((c + 1) * per_chunk).min(shard_len)];
         let mut pixels = Vec::with_capacity(indices.len() * job.dataset.image_bytes());
         for &i in indices {
             pixels.extend_from_slice(job.dataset.image(i as usize));
@@ -160,6 +177,7 @@ fn async_stream_of_chunks(
             image_size: job.dataset.image_size,
             pixels: pixels.into(),
             shard_len: shard_len as u32,
+            shard: shard as u32,
         })
     })
 }

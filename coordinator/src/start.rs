@@ -24,7 +24,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::local::{LocalCluster, LocalWorkers};
 use crate::peers::Peers;
 use crate::registry::{Job, Registry};
-use crate::run_dir::{MetricsLog, RunDir};
+use crate::run_dir::{EventLog, MetricsLog, RunDir};
 use crate::service::CoordinatorService;
 use crate::trainer::{RunSummary, Trainer};
 
@@ -84,7 +84,7 @@ pub async fn serve(
         );
         return Ok(RunSummary {
             step: state.step,
-            interrupted: false,
+            ..RunSummary::default()
         });
     }
     let dataset = load_dataset(&spec)?;
@@ -101,6 +101,16 @@ pub async fn serve(
     // A fresh start (allowed only with no checkpoints) begins a new log: lines left by a run
     // that never checkpointed belong to nothing that can be resumed.
     let metrics = MetricsLog::open(&run.metrics(), Some(state.step))?;
+    let mut history = EventLog::open(&run.events())?;
+    history.record(
+        state.step,
+        if resumed_from > 0 {
+            "resumed-from-checkpoint"
+        } else {
+            "fresh-start"
+        },
+        serde_json::json!({ "shards": workers }),
+    );
     let image_size = spec.data.image_size as usize;
     let registry = Registry::new(Job {
         spec_toml: spec.to_toml(),
@@ -136,43 +146,48 @@ pub async fn serve(
         Some(config) => Some(LocalCluster::start(config, address)?),
         None => None,
     };
-    let gather = Peers::gather(
+    let peers = Peers::new(
         events_rx,
         registry.clone(),
-        Duration::from_secs(spec.cluster.join_timeout_secs),
-        Duration::from_secs(spec.cluster.step_timeout_secs),
-        stop.clone(),
+        Duration::from_secs(spec.cluster.heartbeat_timeout_secs),
+        stop,
     );
-    // A local worker that dies before joining would otherwise leave us waiting for the join
-    // timeout. Once training runs, a dead worker is a closed session, which the trainer
-    // handles itself (undoing the step and saving a checkpoint).
+    let mut trainer = Trainer::new(spec.clone(), run, metrics, history, state, samplers, peers);
+    // Local workers that all die before training starts (a broken install) would otherwise
+    // leave us waiting for the join timeout. Once training runs, a lost worker is the
+    // trainer's to handle: it evicts it and carries on.
     let gathered = match local.as_mut() {
         Some(cluster) => tokio::select! {
-            peers = gather => peers,
-            failure = cluster.first_failure() => Err(failure),
+            gathered = trainer.gather() => gathered,
+            failure = cluster.all_failed() => Err(failure),
         },
-        None => gather.await,
+        None => trainer.gather().await,
     };
     let result = match gathered {
-        Ok(peers) => {
-            Trainer::new(spec.clone(), run, metrics, state, samplers, peers, stop)
-                .run()
-                .await
+        Ok(()) => trainer.run().await,
+        Err(CoordinatorError::Interrupted { .. }) => {
+            trainer
+                .dismiss("the coordinator was stopped before training began")
+                .await;
+            Ok(RunSummary {
+                step: resumed_from,
+                interrupted: true,
+                ..RunSummary::default()
+            })
         }
-        Err(CoordinatorError::Interrupted { .. }) => Ok(RunSummary {
-            step: resumed_from,
-            interrupted: true,
-        }),
-        Err(e) => Err(e),
+        Err(e) => {
+            trainer.dismiss(&format!("the run failed: {e}")).await;
+            Err(e)
+        }
     };
-    match (&result, local) {
-        (Ok(summary), Some(cluster)) if summary.interrupted => {
+    if let Some(cluster) = local {
+        match &result {
             // A stopped run may have left a worker stuck, or one that joined too late to be
             // dismissed: neither is a failure of the run.
-            cluster.wait_or_kill(STOPPED_EXIT_TIMEOUT).await;
+            Ok(summary) if summary.interrupted => cluster.wait_or_kill(STOPPED_EXIT_TIMEOUT).await,
+            Ok(_) => cluster.wait(LOCAL_EXIT_TIMEOUT).await,
+            Err(_) => cluster.wait_or_kill(STOPPED_EXIT_TIMEOUT).await,
         }
-        (Ok(_), Some(cluster)) => cluster.wait(LOCAL_EXIT_TIMEOUT).await?,
-        _ => {}
     }
     // Graceful shutdown waits for clients to hang up; a worker that never does must not hold
     // the coordinator open, so the wait is bounded.

@@ -1,17 +1,20 @@
 //! The step loop. The trainer owns the master parameters and optimizer state; workers only
 //! ever hold copies it sent them.
 //!
-//! A step, with every message naming the step and phase:
-//! 1. EVALUATE: each rank gets its batch; all report loss sums on the current parameters.
-//! 2. The cluster-mean losses decide the plan (`decide_balance`), sent to every rank.
-//! 3. DISCRIMINATOR (if planned): ranks upload D gradients; the trainer averages them in rank
-//!    order, applies RMSProp and the batch-norm running averages, and broadcasts D.
+//! A step, with every message naming the step, the attempt and the phase:
+//! 1. EVALUATE: every shard gets its batch (sent to the worker holding it); workers report
+//!    each shard's loss sums on the current parameters.
+//! 2. The mean losses decide the plan (`decide_balance`), sent to every worker.
+//! 3. DISCRIMINATOR (if planned): workers upload one D gradient per shard; the trainer
+//!    averages them in shard order, applies RMSProp and the batch-norm running averages, and
+//!    broadcasts D.
 //! 4. GENERATOR (if planned): the same for G, whose gradients went through the updated D.
 //!
-//! A failure inside a step undoes that step's updates, so the state is always that of the
-//! last completed step: the emergency checkpoint written then never holds half a step.
-
-use std::time::Instant;
+//! Between steps the cluster may change ([`membership`]). A worker lost inside a step is
+//! evicted, the step is undone and run again with a higher attempt number by the workers that
+//! remain; since every shard's batch, noise and dropout depend only on the step and the shard,
+//! the retried step computes exactly what the first attempt would have. The state is always
+//! that of the last completed step, so a checkpoint never holds half a step.
 
 use bytes::Bytes;
 use forger_common::balance::{StepPlan, decide_balance};
@@ -24,22 +27,33 @@ use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
-use tokio::sync::watch;
+use tokio::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::error::{CoordinatorError, Result};
 use crate::peers::Peers;
 use crate::reduce::{Upload, weighted_average};
-use crate::run_dir::{MetricsLog, RunDir, StepRecord};
+use crate::run_dir::{EventLog, MetricsLog, RunDir, StepRecord};
+
+mod membership;
 
 /// How a run ended.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunSummary {
     /// Steps completed, counting those before a resume.
     pub step: u64,
     /// True when a shutdown signal stopped the run before its last step.
     pub interrupted: bool,
+    /// Workers evicted (lost, late, or out of step) during this process's run.
+    pub evictions: u64,
+    /// Workers admitted after training began.
+    pub joins: u64,
+    /// Step attempts undone and run again.
+    pub retries: u64,
 }
+
+/// A run of this many fully non-finite steps means the model diverged.
+const DIVERGED_AFTER: u32 = 10;
 
 /// One network's optimizer, the uploads towards it, and a copy of its state from before this
 /// step's update (buffers allocated once and reused every step).
@@ -54,10 +68,10 @@ struct NetSlot {
 }
 
 impl NetSlot {
-    fn new(optimizer: RmsProp, len: usize, workers: usize) -> Self {
+    fn new(optimizer: RmsProp, len: usize, shards: usize) -> Self {
         NetSlot {
             optimizer,
-            uploads: (0..workers).map(|_| Upload::new(len)).collect(),
+            uploads: (0..shards).map(|_| Upload::new(len)).collect(),
             average: vec![0.0; len],
             undo: NetState {
                 params: vec![0.0; len],
@@ -103,14 +117,32 @@ pub struct Trainer {
     spec: JobSpec,
     run: RunDir,
     metrics: MetricsLog,
+    history: EventLog,
     state: TrainingState,
+    /// One sampler per shard, in shard order.
     samplers: Vec<BatchSampler>,
     peers: Peers,
     d: NetSlot,
     g: NetSlot,
     bn_len: usize,
     last_checkpoint: u64,
-    stop: watch::Receiver<bool>,
+    /// The attempt at step `state.step + 1`; starts at 1 and grows with every retry.
+    attempt: u32,
+    /// Whether training has begun (the first membership settles differently).
+    started: bool,
+    /// Steps in a row on which no shard gave finite losses.
+    skipped_in_a_row: u32,
+    summary: RunSummary,
+}
+
+/// What the losses of one attempt came to.
+struct Evaluation {
+    loss_d_real: f64,
+    loss_d_fake: f64,
+    loss_g: f64,
+    /// Shards whose losses were finite, in shard order: only they contribute to the updates.
+    included: Vec<u32>,
+    images: u64,
 }
 
 impl Trainer {
@@ -118,10 +150,10 @@ impl Trainer {
         spec: JobSpec,
         run: RunDir,
         metrics: MetricsLog,
+        history: EventLog,
         state: TrainingState,
         samplers: Vec<BatchSampler>,
         peers: Peers,
-        stop: watch::Receiver<bool>,
     ) -> Self {
         let t = &spec.train;
         let optimizer = |lr: f64| RmsProp {
@@ -130,15 +162,20 @@ impl Trainer {
             epsilon: t.rmsprop_epsilon as f32,
             l2: t.l2 as f32,
         };
-        let workers = peers.len();
-        let d = NetSlot::new(optimizer(t.lr_d), state.discriminator.params.len(), workers);
-        let g = NetSlot::new(optimizer(t.lr_g), state.generator.params.len(), workers);
+        let shards = samplers.len();
+        let d = NetSlot::new(optimizer(t.lr_d), state.discriminator.params.len(), shards);
+        let g = NetSlot::new(optimizer(t.lr_g), state.generator.params.len(), shards);
         let bn_len = layout::batch_norm_stats_len(&spec.model);
         let last_checkpoint = state.step;
         Trainer {
             spec,
             run,
             metrics,
+            history,
+            summary: RunSummary {
+                step: state.step,
+                ..RunSummary::default()
+            },
             state,
             samplers,
             peers,
@@ -146,20 +183,41 @@ impl Trainer {
             g,
             bn_len,
             last_checkpoint,
-            stop,
+            attempt: 1,
+            started: false,
+            skipped_in_a_row: 0,
         }
+    }
+
+    fn shards(&self) -> u32 {
+        self.samplers.len() as u32
+    }
+
+    /// Waits for the first workers (the spec's `min_workers` within `join_timeout_secs`, and
+    /// the rest for `start_grace_secs` more) and hands them their shards and the parameters.
+    pub async fn gather(&mut self) -> Result<()> {
+        self.settle().await
+    }
+
+    /// Tells every connected worker to leave.
+    pub async fn dismiss(&mut self, reason: &str) {
+        self.peers.dismiss_all(reason).await;
     }
 
     /// Runs every remaining step, then checkpoints and dismisses the workers.
     pub async fn run(mut self) -> Result<RunSummary> {
-        let result = match self.run_steps().await {
-            // A stop that lands while waiting for a sample grid: the checkpoint is written.
-            Err(CoordinatorError::Interrupted { .. }) if self.state.step == self.last_checkpoint => Ok(RunSummary {
-                step: self.state.step,
-                interrupted: true,
-            }),
-            other => other,
+        let interrupted = match self.run_steps().await {
+            Ok(finished) => Ok(!finished),
+            // A stop while settling the cluster, pausing or drawing samples.
+            Err(CoordinatorError::Interrupted { .. }) => self.stopped().map(|_| true),
+            Err(e) => Err(e),
         };
+        let result = interrupted;
+        let result = result.map(|interrupted| RunSummary {
+            step: self.state.step,
+            interrupted,
+            ..self.summary.clone()
+        });
         match &result {
             Ok(summary) => {
                 let reason = if summary.interrupted {
@@ -167,54 +225,69 @@ impl Trainer {
                 } else {
                     "the run is complete"
                 };
-                self.peers.shutdown(reason).await;
+                self.peers.dismiss_all(reason).await;
             }
             Err(e) => {
-                // Keep what was computed: the state is that of the last completed step. Not
-                // after a divergence: those weights are already ruined, and saving them would
-                // prune a good checkpoint.
-                let diverged = matches!(e, CoordinatorError::Diverged { .. });
-                if self.state.step > self.last_checkpoint && !diverged {
+                // Keep what was computed: the state is that of the last completed step, and no
+                // non-finite value is ever applied to it.
+                if self.state.step > self.last_checkpoint {
                     match self.save_checkpoint() {
                         Ok(()) => warn!(step = self.state.step, "saved a checkpoint of the last completed step"),
                         Err(save) => warn!(error = %save, "could not save the emergency checkpoint"),
                     }
                 }
-                self.peers.shutdown(&format!("the run failed: {e}")).await;
+                self.peers.dismiss_all(&format!("the run failed: {e}")).await;
             }
         }
         result
     }
 
-    async fn run_steps(&mut self) -> Result<RunSummary> {
-        let start = self.state.step;
-        self.broadcast_params(Net::Discriminator, start).await?;
-        self.broadcast_params(Net::Generator, start).await?;
+    /// Returns whether the run reached its last step (false: stopped by a signal).
+    async fn run_steps(&mut self) -> Result<bool> {
         let steps = self.spec.train.steps;
-        info!(from = start, to = steps, workers = self.peers.len(), "training");
-        let mut interrupted = false;
         while self.state.step < steps {
-            if *self.stop.borrow() {
-                interrupted = true;
+            if self.peers.stopping() {
                 info!(step = self.state.step, "stopping on request");
                 break;
             }
+            self.settle().await?;
             let step = self.state.step + 1;
-            let record = match self.train_step(step).await {
-                Ok(record) => record,
-                Err(CoordinatorError::Interrupted { .. }) => {
-                    // The step was abandoned and undone; the last completed one is saved below.
-                    interrupted = true;
-                    break;
+            let started = Instant::now();
+            let record = loop {
+                match self.train_step(step, started).await {
+                    Ok(record) => break record,
+                    Err(CoordinatorError::Interrupted { .. }) => {
+                        // The step was abandoned and undone; the last completed one is saved.
+                        return self.stopped();
+                    }
+                    Err(CoordinatorError::Worker {
+                        worker,
+                        host,
+                        step,
+                        phase,
+                        message,
+                    }) => {
+                        warn!(worker, %host, step, phase, %message, attempt = self.attempt, "evicting the worker; the step is undone and retried without it");
+                        self.evict(worker, &host, phase, &message);
+                        self.attempt += 1;
+                        self.summary.retries += 1;
+                        // Survivors may hold parameters of the undone update.
+                        for peer in self.peers.all_mut() {
+                            peer.has_params = false;
+                        }
+                        self.settle().await?;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             };
+            self.attempt = 1;
             info!(
                 step,
                 loss_d = record.loss_d,
                 loss_g = record.loss_g,
                 train_d = record.train_d,
                 train_g = record.train_g,
+                workers = record.workers,
                 seconds = record.seconds,
                 "step complete"
             );
@@ -224,26 +297,39 @@ impl Trainer {
             }
         }
         if self.state.step > self.last_checkpoint {
-            if interrupted {
-                // A worker may be what held the step up; do not wait on it for samples.
-                self.save_checkpoint()?;
-            } else {
-                self.checkpoint_with_samples(self.state.step).await?;
-            }
+            return self.stopped();
         }
-        Ok(RunSummary {
-            step: self.state.step,
-            interrupted,
-        })
+        Ok(self.state.step >= steps)
     }
 
-    /// One step; on error the state is rolled back to before it.
-    async fn train_step(&mut self, step: u64) -> Result<StepRecord> {
+    /// After a stop: a worker may be what held things up, so no samples are asked for.
+    fn stopped(&mut self) -> Result<bool> {
+        if self.state.step > self.last_checkpoint {
+            self.save_checkpoint()?;
+        }
+        Ok(false)
+    }
+
+    /// Removes a worker at fault and records why.
+    fn evict(&mut self, worker: u64, host: &str, phase: &str, message: &str) {
+        if self.peers.evict(worker, message, true) {
+            self.summary.evictions += 1;
+            let step = self.state.step + 1;
+            self.history.record(
+                step,
+                "evicted",
+                serde_json::json!({ "worker": worker, "host": host, "phase": phase, "reason": message }),
+            );
+        }
+    }
+
+    /// One attempt at a step; on error the state is rolled back to before it.
+    async fn train_step(&mut self, step: u64, started: Instant) -> Result<StepRecord> {
         let samplers_before: Vec<_> = self.samplers.iter().map(BatchSampler::state).collect();
         let bn_before = self.state.batch_norm.clone();
         self.d.updated = false;
         self.g.updated = false;
-        let result = self.try_step(step).await;
+        let result = self.try_step(step, started).await;
         if result.is_err() {
             for (sampler, state) in self.samplers.iter_mut().zip(samplers_before) {
                 sampler.rewind(state);
@@ -262,97 +348,199 @@ impl Trainer {
         result
     }
 
-    async fn try_step(&mut self, step: u64) -> Result<StepRecord> {
-        let started = Instant::now();
+    /// The deadline of one phase: a worker holding several shards computes each in turn.
+    fn phase_deadline(&self) -> Instant {
+        let most = self.peers.training().map(|p| p.shards.len()).max().unwrap_or(1).max(1);
+        Instant::now() + Duration::from_secs(self.spec.cluster.step_timeout_secs) * most as u32
+    }
+
+    /// The workers in training and the shard each holds, in rank order.
+    fn training(&self) -> Vec<(u64, Vec<u32>)> {
+        self.peers.training().map(|p| (p.info.id, p.shards.clone())).collect()
+    }
+
+    /// Whether a message answers an earlier step or an abandoned attempt of this one.
+    fn is_stale(&self, msg_step: u64, msg_attempt: u32) -> bool {
+        let next = self.state.step + 1;
+        msg_step < next || (msg_step == next && msg_attempt < self.attempt)
+    }
+
+    async fn try_step(&mut self, step: u64, started: Instant) -> Result<StepRecord> {
         let batch = self.spec.train.batch_size as usize;
         let every = self.spec.train.check_params_every;
         let check_params = every > 0 && step.is_multiple_of(every);
-        for rank in 0..self.peers.len() {
-            let indices = self.samplers[rank].next_batch(batch);
+        let attempt = self.attempt;
+        let batches: Vec<Vec<u32>> = self.samplers.iter_mut().map(|s| s.next_batch(batch)).collect();
+        let training = self.training();
+        let deadline = self.phase_deadline();
+        for (worker, shards) in &training {
+            let batches = shards
+                .iter()
+                .map(|&shard| pb::ShardBatch {
+                    shard,
+                    indices: batches[shard as usize].clone(),
+                })
+                .collect();
             let message = pb::CoordinatorMessage {
                 kind: Some(Out::Evaluate(pb::Evaluate {
                     step,
-                    batch: indices,
+                    attempt,
+                    batches,
                     check_params,
                 })),
             };
-            self.peers.send(rank, message, step, "evaluate").await?;
+            self.peers.send(*worker, message, deadline, step, "evaluate").await?;
         }
-        let losses = self.gather_losses(step, check_params).await?;
-        let samples: f64 = losses.iter().map(|l| f64::from(l.samples)).sum();
-        let mean = |f: fn(&pb::Losses) -> f64| losses.iter().map(f).sum::<f64>() / samples;
-        let loss_d_real = mean(|l| l.sum_d_real);
-        let loss_d_fake = mean(|l| l.sum_d_fake);
-        let loss_g = mean(|l| l.sum_g);
-        let loss_d = 0.5 * (loss_d_real + loss_d_fake);
-        if let Some(rank) = losses
-            .iter()
-            .position(|l| !(l.sum_d_real + l.sum_d_fake + l.sum_g).is_finite())
-        {
-            let info = self.peers.info(rank);
-            return Err(CoordinatorError::Diverged {
-                worker: info.id,
-                host: info.host.clone(),
+        let evaluation = self.gather_losses(step, check_params, &training).await?;
+        let shards = self.shards();
+        let dropped_at_evaluation = shards - evaluation.included.len() as u32;
+        let workers = training.len();
+        let all_ids: Vec<u64> = training.iter().map(|(w, _)| *w).collect();
+        if evaluation.included.is_empty() {
+            // Nothing trustworthy to learn from: train nothing, and say so to every worker.
+            self.skipped_in_a_row += 1;
+            warn!(
                 step,
-                loss_d,
-                loss_g,
+                in_a_row = self.skipped_in_a_row,
+                "no shard gave finite losses: the step trains nothing"
+            );
+            if self.skipped_in_a_row >= DIVERGED_AFTER {
+                return Err(CoordinatorError::Diverged {
+                    step,
+                    steps: self.skipped_in_a_row,
+                });
+            }
+            let plan = pb::CoordinatorMessage {
+                kind: Some(Out::Plan(pb::Plan {
+                    step,
+                    attempt,
+                    train_d: false,
+                    train_g: false,
+                })),
+            };
+            self.peers.send_all(&all_ids, &[plan], deadline, step, "plan").await?;
+            self.finish_step(step);
+            return Ok(StepRecord {
+                step,
+                loss_d: f64::NAN,
+                loss_g: f64::NAN,
+                loss_d_real: f64::NAN,
+                loss_d_fake: f64::NAN,
+                train_d: false,
+                train_g: false,
+                workers,
+                images: 0,
+                seconds: started.elapsed().as_secs_f64(),
+                attempts: attempt,
+                dropped: dropped_at_evaluation,
+                skipped: true,
             });
         }
-        let plan = decide_balance(loss_d, loss_g, self.spec.train.balance);
+        self.skipped_in_a_row = 0;
+        let loss_d = 0.5 * (evaluation.loss_d_real + evaluation.loss_d_fake);
+        let plan = decide_balance(loss_d, evaluation.loss_g, self.spec.train.balance);
         let StepPlan { train_d, train_g } = plan;
         let message = pb::CoordinatorMessage {
-            kind: Some(Out::Plan(pb::Plan { step, train_d, train_g })),
+            kind: Some(Out::Plan(pb::Plan {
+                step,
+                attempt,
+                train_d,
+                train_g,
+            })),
         };
-        self.peers.broadcast(&[message], step, "plan").await?;
+        self.peers
+            .send_all(&all_ids, &[message], deadline, step, "plan")
+            .await?;
+        let mut dropped = dropped_at_evaluation;
         if train_d {
-            self.update(Net::Discriminator, step).await?;
+            dropped += self
+                .update(Net::Discriminator, step, &training, &evaluation.included)
+                .await?;
         }
         if train_g {
-            self.update(Net::Generator, step).await?;
+            dropped += self
+                .update(Net::Generator, step, &training, &evaluation.included)
+                .await?;
         }
+        self.finish_step(step);
+        Ok(StepRecord {
+            step,
+            loss_d,
+            loss_g: evaluation.loss_g,
+            loss_d_real: evaluation.loss_d_real,
+            loss_d_fake: evaluation.loss_d_fake,
+            train_d,
+            train_g,
+            workers,
+            images: evaluation.images,
+            seconds: started.elapsed().as_secs_f64(),
+            attempts: attempt,
+            dropped,
+            skipped: false,
+        })
+    }
+
+    fn finish_step(&mut self, step: u64) {
         self.state.step = step;
         for (slot, sampler) in self.state.samplers.iter_mut().zip(&self.samplers) {
             *slot = sampler.state();
         }
-        Ok(StepRecord {
-            step,
-            loss_d,
-            loss_g,
-            loss_d_real,
-            loss_d_fake,
-            train_d,
-            train_g,
-            workers: self.peers.len(),
-            images: samples as u64,
-            seconds: started.elapsed().as_secs_f64(),
-        })
     }
 
-    async fn gather_losses(&mut self, step: u64, check_params: bool) -> Result<Vec<pb::Losses>> {
-        let deadline = self.peers.phase_deadline();
-        let mut got: Vec<Option<pb::Losses>> = vec![None; self.peers.len()];
+    async fn gather_losses(
+        &mut self,
+        step: u64,
+        check_params: bool,
+        training: &[(u64, Vec<u32>)],
+    ) -> Result<Evaluation> {
+        let deadline = self.phase_deadline();
+        let mut got: Vec<Option<pb::Losses>> = vec![None; training.len()];
         while got.iter().any(Option::is_none) {
-            let waiting: Vec<usize> = (0..got.len()).filter(|&r| got[r].is_none()).collect();
-            let (rank, kind) = self.peers.next(deadline, step, "evaluate", &waiting).await?;
+            let waiting: Vec<u64> = (0..got.len())
+                .filter(|&i| got[i].is_none())
+                .map(|i| training[i].0)
+                .collect();
+            let (worker, kind) = self.peers.next(deadline, step, "evaluate", &waiting).await?;
+            if let In::Losses(l) = &kind
+                && self.is_stale(l.step, l.attempt)
+            {
+                continue;
+            }
+            if let Some(gradient) = stale_gradient(&kind)
+                && self.is_stale(gradient.0, gradient.1)
+            {
+                continue;
+            }
+            let Some(index) = training.iter().position(|(w, _)| *w == worker) else {
+                return Err(self.unexpected(worker, step, "evaluate", &kind));
+            };
             match kind {
-                In::Losses(l) if l.step == step && got[rank].is_none() => {
-                    if l.samples == 0 {
-                        return Err(self
-                            .peers
-                            .fault(rank, step, "evaluate", "reported losses over zero samples"));
+                In::Losses(l) if l.step == step && l.attempt == self.attempt && got[index].is_none() => {
+                    let mut reported: Vec<u32> = l.shards.iter().map(|s| s.shard).collect();
+                    reported.sort_unstable();
+                    if reported != training[index].1 || l.shards.iter().any(|s| s.samples == 0) {
+                        return Err(self.peers.fault(
+                            worker,
+                            step,
+                            "evaluate",
+                            format!(
+                                "reported losses for shards {reported:?}, expected {:?}, each over at least one sample",
+                                training[index].1
+                            ),
+                        ));
                     }
-                    got[rank] = Some(l);
+                    got[index] = Some(l);
                 }
-                other => return Err(self.unexpected(rank, step, "evaluate", &other)),
+                other => return Err(self.unexpected(worker, step, "evaluate", &other)),
             }
         }
         let losses: Vec<pb::Losses> = got.into_iter().map(Option::unwrap).collect();
         if check_params {
             let expected = self.params_crc32();
-            for (rank, l) in losses.iter().enumerate() {
+            for (l, (worker, _)) in losses.iter().zip(training) {
                 if l.params_crc32 != Some(expected) {
                     return Err(self.peers.fault(
-                        rank,
+                        *worker,
                         step,
                         "evaluate",
                         format!(
@@ -363,7 +551,46 @@ impl Trainer {
                 }
             }
         }
-        Ok(losses)
+        let mut by_shard: Vec<(u32, u64, &pb::ShardLosses)> = losses
+            .iter()
+            .zip(training)
+            .flat_map(|(l, (worker, _))| l.shards.iter().map(move |s| (s.shard, *worker, s)))
+            .collect();
+        by_shard.sort_by_key(|(shard, _, _)| *shard);
+        let mut evaluation = Evaluation {
+            loss_d_real: 0.0,
+            loss_d_fake: 0.0,
+            loss_g: 0.0,
+            included: Vec::new(),
+            images: 0,
+        };
+        let mut samples = 0.0;
+        for (shard, worker, s) in by_shard {
+            if !(s.sum_d_real.is_finite() && s.sum_d_fake.is_finite() && s.sum_g.is_finite()) {
+                warn!(
+                    step,
+                    worker, shard, "non-finite losses: the shard is left out of this step"
+                );
+                self.history.record(
+                    step,
+                    "dropped",
+                    serde_json::json!({ "worker": worker, "shard": shard, "phase": "evaluate" }),
+                );
+                continue;
+            }
+            evaluation.included.push(shard);
+            evaluation.loss_d_real += s.sum_d_real;
+            evaluation.loss_d_fake += s.sum_d_fake;
+            evaluation.loss_g += s.sum_g;
+            samples += f64::from(s.samples);
+            evaluation.images += u64::from(s.samples);
+        }
+        if samples > 0.0 {
+            evaluation.loss_d_real /= samples;
+            evaluation.loss_d_fake /= samples;
+            evaluation.loss_g /= samples;
+        }
+        Ok(evaluation)
     }
 
     fn params_crc32(&self) -> u32 {
@@ -374,65 +601,113 @@ impl Trainer {
         ])
     }
 
-    fn unexpected(&self, rank: usize, step: u64, phase: &'static str, kind: &In) -> CoordinatorError {
+    fn unexpected(&self, worker: u64, step: u64, phase: &'static str, kind: &In) -> CoordinatorError {
         let what = match kind {
             In::Hello(_) => "a second Hello".to_string(),
-            In::Losses(l) => format!("losses for step {}", l.step),
-            In::Gradient(g) => format!("a gradient chunk for step {} phase {:?}", g.step, g.phase()),
+            In::Losses(l) => format!("losses for step {} attempt {}", l.step, l.attempt),
+            In::Gradient(g) => format!(
+                "a gradient chunk for step {} attempt {} phase {:?} shard {}",
+                g.step,
+                g.attempt,
+                g.phase(),
+                g.shard
+            ),
             In::Samples(s) => format!("samples for step {}", s.step),
-            In::Failure(_) => "a failure".to_string(),
+            In::Ready(r) => format!("a Ready for shards {:?}", r.shards),
+            In::Failure(_) | In::Heartbeat(_) | In::Leave(_) => "a control message".to_string(),
         };
         self.peers.fault(
-            rank,
+            worker,
             step,
             phase,
             format!("sent {what}, which this phase does not expect"),
         )
     }
 
-    /// Gathers one network's gradients, averages them, applies the update and broadcasts.
-    async fn update(&mut self, net: Net, step: u64) -> Result<()> {
+    /// Gathers one network's gradient for every included shard, averages the finite ones in
+    /// shard order, applies the update and broadcasts. Returns how many were left out.
+    async fn update(&mut self, net: Net, step: u64, training: &[(u64, Vec<u32>)], included: &[u32]) -> Result<u32> {
         let phase = net.phase_name();
-        let deadline = self.peers.phase_deadline();
-        let workers = self.peers.len();
-        let slot = match net {
-            Net::Discriminator => &mut self.d,
-            Net::Generator => &mut self.g,
+        let deadline = self.phase_deadline();
+        let holder = |shard: u32| {
+            training
+                .iter()
+                .find(|(_, shards)| shards.contains(&shard))
+                .map(|(w, _)| *w)
         };
-        slot.uploads.iter_mut().for_each(Upload::reset);
+        self.slot(net).uploads.iter_mut().for_each(Upload::reset);
         loop {
             let slot = self.slot(net);
-            let waiting: Vec<usize> = (0..workers).filter(|&r| !slot.uploads[r].complete).collect();
+            let mut waiting: Vec<u64> = included
+                .iter()
+                .filter(|&&s| !slot.uploads[s as usize].complete)
+                .filter_map(|&s| holder(s))
+                .collect();
+            waiting.dedup();
             if waiting.is_empty() {
                 break;
             }
-            let (rank, kind) = self.peers.next(deadline, step, phase, &waiting).await?;
+            let (worker, kind) = self.peers.next(deadline, step, phase, &waiting).await?;
             let In::Gradient(chunk) = kind else {
-                return Err(self.unexpected(rank, step, phase, &kind));
+                if let In::Losses(l) = &kind
+                    && self.is_stale(l.step, l.attempt)
+                {
+                    continue;
+                }
+                return Err(self.unexpected(worker, step, phase, &kind));
             };
-            if chunk.step != step || chunk.phase() != net.phase() {
-                return Err(self.unexpected(rank, step, phase, &In::Gradient(chunk)));
+            if self.is_stale(chunk.step, chunk.attempt) {
+                continue;
+            }
+            if chunk.step != step || chunk.phase() != net.phase() || holder(chunk.shard) != Some(worker) {
+                return Err(self.unexpected(worker, step, phase, &In::Gradient(chunk)));
+            }
+            if !included.contains(&chunk.shard) {
+                continue; // its losses were not finite: the shard sits this step out
             }
             let bn_len = self.bn_len;
-            let upload = &mut self.slot(net).uploads[rank];
+            let upload = &mut self.slot(net).uploads[chunk.shard as usize];
             if let Err(e) = upload.accept(chunk.offset as usize, &chunk.values, chunk.last) {
-                return Err(self.peers.fault(rank, step, phase, e.to_string()));
+                let message = format!("shard {}: {e}", chunk.shard);
+                return Err(self.peers.fault(worker, step, phase, message));
             }
             if chunk.last {
                 if chunk.samples == 0 || chunk.bn_batch_stats.len() != bn_len {
                     let message = format!(
-                        "final chunk has {} samples and {} batch-norm values (expected {bn_len})",
+                        "final chunk of shard {} has {} samples and {} batch-norm values (expected {bn_len})",
+                        chunk.shard,
                         chunk.samples,
                         chunk.bn_batch_stats.len()
                     );
-                    return Err(self.peers.fault(rank, step, phase, message));
+                    return Err(self.peers.fault(worker, step, phase, message));
                 }
                 upload.samples = chunk.samples;
                 upload.bn_stats = chunk.bn_batch_stats;
             }
         }
-        self.apply_update(net);
-        self.broadcast_params(net, step).await
+        let slot = self.slot(net);
+        let (finite, non_finite): (Vec<u32>, Vec<u32>) =
+            included.iter().partition(|&&s| slot.uploads[s as usize].is_finite());
+        for &shard in &non_finite {
+            let worker = holder(shard).unwrap_or(0);
+            warn!(
+                step,
+                worker, shard, phase, "non-finite gradient: the contribution is dropped"
+            );
+            self.history.record(
+                step,
+                "dropped",
+                serde_json::json!({ "worker": worker, "shard": shard, "phase": phase }),
+            );
+        }
+        if finite.is_empty() {
+            warn!(step, phase, "no finite gradient: the network is not updated this step");
+        } else {
+            self.apply_update(net, &finite);
+        }
+        let ids: Vec<u64> = training.iter().map(|(w, _)| *w).collect();
+        self.broadcast_params(net, step, &ids, deadline).await?;
+        Ok(non_finite.len() as u32)
     }
 
     fn slot(&mut self, net: Net) -> &mut NetSlot {
@@ -442,8 +717,9 @@ impl Trainer {
         }
     }
 
-    /// Averages the uploads in rank order and updates the master copy, keeping an undo copy.
-    fn apply_update(&mut self, net: Net) {
+    /// Averages the shards' uploads in shard order and updates the master copy, keeping an
+    /// undo copy.
+    fn apply_update(&mut self, net: Net, shards: &[u32]) {
         let (slot, master) = match net {
             Net::Discriminator => (&mut self.d, &mut self.state.discriminator),
             Net::Generator => (&mut self.g, &mut self.state.generator),
@@ -453,31 +729,30 @@ impl Trainer {
             slot.undo.params.copy_from_slice(&master.params);
             slot.undo.mean_square.copy_from_slice(&master.mean_square);
             slot.updated = true;
-            let contributions: Vec<(&[f32], u32)> = slot.uploads.iter().map(|u| (u.values(), u.samples)).collect();
+            let uploads: Vec<&Upload> = shards.iter().map(|&s| &slot.uploads[s as usize]).collect();
+            let contributions: Vec<(&[f32], u32)> = uploads.iter().map(|u| (u.values(), u.samples)).collect();
             weighted_average(&contributions, &mut slot.average);
             slot.optimizer
                 .apply(&mut master.params, &mut master.mean_square, &slot.average);
             // Every phase ran the generator in training mode, as each TF1 update op did, so
             // each updates the running statistics with the cluster's batch statistics.
-            let stats: Vec<(&[f32], u32)> = slot
-                .uploads
-                .iter()
-                .map(|u| (u.bn_stats.as_slice(), u.samples))
-                .collect();
+            let stats: Vec<(&[f32], u32)> = uploads.iter().map(|u| (u.bn_stats.as_slice(), u.samples)).collect();
             let mut mean_stats = vec![0.0; batch_norm.len()];
             weighted_average(&stats, &mut mean_stats);
             update_moving_average(batch_norm, &mean_stats, BATCH_NORM_DECAY);
         });
     }
 
-    /// Sends one network's master parameters (and the batch-norm running statistics) to all.
-    async fn broadcast_params(&self, net: Net, step: u64) -> Result<()> {
+    /// Sends one network's master parameters (and the batch-norm running statistics).
+    async fn broadcast_params(&self, net: Net, step: u64, workers: &[u64], deadline: Instant) -> Result<()> {
         let values = match net {
             Net::Discriminator => &self.state.discriminator.params,
             Net::Generator => &self.state.generator.params,
         };
         let messages = params_messages(step, net.network(), values, &self.state.batch_norm);
-        self.peers.broadcast(&messages, step, net.phase_name()).await
+        self.peers
+            .send_all(workers, &messages, deadline, step, net.phase_name())
+            .await
     }
 
     async fn checkpoint_with_samples(&mut self, step: u64) -> Result<()> {
@@ -507,8 +782,38 @@ impl Trainer {
         Ok(())
     }
 
-    /// Asks rank 0 for the fixed-noise sample batch and writes it as a grid.
+    /// Asks a training worker for the fixed-noise sample batch and writes it as a grid. A
+    /// worker that fails at it is evicted and the next one asked; with none left the grid is
+    /// skipped (the checkpoint is already safe).
     async fn save_samples(&mut self, step: u64) -> Result<()> {
+        let candidates: Vec<u64> = self.peers.training().map(|p| p.info.id).collect();
+        for worker in candidates {
+            match self.request_samples(worker, step).await {
+                Ok(pixels) => {
+                    let size = self.spec.data.image_size;
+                    let path = self.run.sample_grid(step);
+                    let image = grid::tile(&pixels, self.spec.checkpoint.samples as usize, size);
+                    tokio::task::block_in_place(|| grid::save_png(&path, &image))?;
+                    return Ok(());
+                }
+                Err(CoordinatorError::Worker {
+                    worker,
+                    host,
+                    phase,
+                    message,
+                    ..
+                }) => {
+                    warn!(worker, %host, step, phase, %message, "evicting the worker");
+                    self.evict(worker, &host, phase, &message);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        warn!(step, "no worker could draw the sample grid; it is skipped");
+        Ok(())
+    }
+
+    async fn request_samples(&mut self, worker: u64, step: u64) -> Result<Bytes> {
         let count = self.spec.checkpoint.samples;
         let request = pb::CoordinatorMessage {
             kind: Some(Out::Sample(pb::SampleRequest {
@@ -517,25 +822,35 @@ impl Trainer {
                 seed: seeds::derive(self.spec.train.seed, Stream::SampleNoise, &[]),
             })),
         };
-        self.peers.send(0, request, step, "sample").await?;
-        let deadline = self.peers.phase_deadline();
-        let (rank, kind) = self.peers.next(deadline, step, "sample", &[0]).await?;
+        let deadline = self.phase_deadline();
+        self.peers.send(worker, request, deadline, step, "sample").await?;
         let size = self.spec.data.image_size;
-        match kind {
-            In::Samples(s) if rank == 0 && s.step == step => {
-                let expected = (count * size * size * 3) as usize;
-                if s.count != count || s.image_size != size || s.pixels.len() != expected {
-                    return Err(self
-                        .peers
-                        .fault(rank, step, "sample", "sent a sample batch of the wrong size"));
+        loop {
+            let (from, kind) = self.peers.next(deadline, step, "sample", &[worker]).await?;
+            match kind {
+                In::Samples(s) if from == worker && s.step == step => {
+                    let expected = (count * size * size * 3) as usize;
+                    if s.count != count || s.image_size != size || s.pixels.len() != expected {
+                        return Err(self
+                            .peers
+                            .fault(worker, step, "sample", "sent a sample batch of the wrong size"));
+                    }
+                    return Ok(s.pixels);
                 }
-                let path = self.run.sample_grid(step);
-                let image = grid::tile(&s.pixels, count as usize, size);
-                tokio::task::block_in_place(|| grid::save_png(&path, &image))?;
-                Ok(())
+                In::Samples(s) if s.step < step => {}
+                In::Losses(l) if self.is_stale(l.step, l.attempt) => {}
+                In::Gradient(g) if self.is_stale(g.step, g.attempt) => {}
+                other => return Err(self.unexpected(from, step, "sample", &other)),
             }
-            other => Err(self.unexpected(rank, step, "sample", &other)),
         }
+    }
+}
+
+/// The (step, attempt) of a gradient chunk, for staleness checks.
+fn stale_gradient(kind: &In) -> Option<(u64, u32)> {
+    match kind {
+        In::Gradient(g) => Some((g.step, g.attempt)),
+        _ => None,
     }
 }
 

@@ -3,7 +3,7 @@
 //! Everything lives under [`pb`]; other crates convert these types to their own at the edge.
 
 /// Bumped whenever a message changes meaning; a worker of another version is refused at Join.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Generated protobuf types and tonic service stubs for `forger.v1`.
 #[allow(missing_debug_implementations, clippy::all)]

@@ -1,6 +1,7 @@
 //! A worker that speaks forger's protocol without libtorch: it answers with losses and
 //! gradients the test chooses, and records what the coordinator sent.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use forger_common::layout;
@@ -11,24 +12,36 @@ use forger_proto::pb::{
     self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In, worker_message::Kind as Out,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+use tonic::transport::Channel;
 
 /// Every await in a test is bounded by this.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A joined fake worker with an open session.
+/// A joined fake worker with an open session, sending heartbeats until told to stop.
 #[derive(Debug)]
 pub struct FakeWorker {
+    pub id: u64,
     pub rank: u32,
     pub spec: JobSpec,
-    pub shard: Vec<u32>,
+    /// The shards it holds, each with its dataset indices.
+    pub shards: BTreeMap<u32, Vec<u32>>,
+    client: CoordinatorClient<Channel>,
     outbound: mpsc::Sender<pb::WorkerMessage>,
     inbound: Streaming<pb::CoordinatorMessage>,
+    heartbeats: JoinHandle<()>,
+}
+
+impl Drop for FakeWorker {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
 }
 
 impl FakeWorker {
-    /// Joins, downloads the shard and opens the session.
+    /// Joins and opens the session; shards come with [`FakeWorker::take_assignment`].
     pub async fn join(url: &str) -> FakeWorker {
         let mut client = CoordinatorClient::connect(url.to_string()).await.expect("connect");
         let reply = client
@@ -42,17 +55,6 @@ impl FakeWorker {
             .expect("join")
             .into_inner();
         let spec = JobSpec::parse(&reply.spec_toml, "join reply").expect("spec from the coordinator");
-        let mut stream = client
-            .fetch_shard(pb::ShardRequest {
-                worker_id: reply.worker_id,
-            })
-            .await
-            .expect("fetch shard")
-            .into_inner();
-        let mut shard = Vec::new();
-        while let Some(chunk) = stream.message().await.expect("shard chunk") {
-            shard.extend(chunk.indices);
-        }
         let (outbound, rx) = mpsc::channel(64);
         outbound
             .send(pb::WorkerMessage {
@@ -67,13 +69,67 @@ impl FakeWorker {
             .await
             .expect("session")
             .into_inner();
+        let beat = outbound.clone();
+        let every = Duration::from_secs(spec.cluster.heartbeat_secs);
+        let heartbeats = tokio::spawn(async move {
+            loop {
+                let message = pb::WorkerMessage {
+                    kind: Some(Out::Heartbeat(pb::Heartbeat {})),
+                };
+                if beat.send(message).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
         FakeWorker {
+            id: reply.worker_id,
             rank: reply.rank,
             spec,
-            shard,
+            shards: BTreeMap::new(),
+            client,
             outbound,
             inbound,
+            heartbeats,
         }
+    }
+
+    /// Goes silent, as a hung process would.
+    pub fn stop_heartbeats(&self) {
+        self.heartbeats.abort();
+    }
+
+    /// Receives an Assign, downloads the shards it lacks, drops the others and answers Ready.
+    pub async fn take_assignment(&mut self) -> Vec<u32> {
+        let In::Assign(assign) = self.recv().await else {
+            panic!("expected Assign")
+        };
+        self.shards.retain(|shard, _| assign.shards.contains(shard));
+        for &shard in &assign.shards {
+            if self.shards.contains_key(&shard) {
+                continue;
+            }
+            let mut stream = self
+                .client
+                .fetch_shard(pb::ShardRequest {
+                    worker_id: self.id,
+                    shard,
+                })
+                .await
+                .expect("fetch shard")
+                .into_inner();
+            let mut indices = Vec::new();
+            while let Some(chunk) = stream.message().await.expect("shard chunk") {
+                assert_eq!(chunk.shard, shard);
+                indices.extend(chunk.indices);
+            }
+            self.shards.insert(shard, indices);
+        }
+        self.send(Out::Ready(pb::Ready {
+            shards: assign.shards.clone(),
+        }))
+        .await;
+        assign.shards
     }
 
     /// The next message from the coordinator.
@@ -110,8 +166,16 @@ impl FakeWorker {
             .expect("session open");
     }
 
-    /// Uploads `gradient` for a phase in wire-sized chunks.
-    pub async fn upload(&self, step: u64, phase: pb::Phase, gradient: &[f32], samples: u32, bn_stats: Vec<f32>) {
+    /// Uploads one shard's `gradient` for a phase in wire-sized chunks.
+    pub async fn upload(
+        &self,
+        (step, attempt): (u64, u32),
+        phase: pb::Phase,
+        shard: u32,
+        gradient: &[f32],
+        samples: u32,
+        bn_stats: Vec<f32>,
+    ) {
         let chunks = gradient.len().div_ceil(CHUNK_VALUES);
         let mut bn_stats = Some(bn_stats);
         for c in 0..chunks {
@@ -121,7 +185,9 @@ impl FakeWorker {
             wire::f32_to_le_bytes(&gradient[range.clone()], &mut bytes);
             self.send(Out::Gradient(pb::GradientChunk {
                 step,
+                attempt,
                 phase: phase as i32,
+                shard,
                 offset: range.start as u64,
                 values: bytes.into(),
                 last,

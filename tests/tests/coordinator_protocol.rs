@@ -1,5 +1,6 @@
 //! The coordinator against fake workers that send known losses and gradients: exact
-//! rank-order averages, TF1 RMSProp updates, balancing decisions, replica checks, refusals.
+//! shard-order averages, TF1 RMSProp updates, balancing decisions, and what happens to workers
+//! that drift, break the protocol, fall silent or send non-finite values.
 
 use std::path::Path;
 
@@ -25,7 +26,8 @@ fn tiny_spec(data: &Path, workers: u32, steps: u64) -> JobSpec {
     let text = format!(
         "version = 1\n[data]\npath = \"{}\"\nimage_size = 8\n[model]\nd_filters = [2, 3, 2]\ng_filters = [3, 2, 2]\n\
          [train]\nsteps = {steps}\nbatch_size = 2\ncheck_params_every = 1\n[cluster]\nworkers = {workers}\n\
-         join_timeout_secs = 30\nstep_timeout_secs = 30\n[checkpoint]\nevery = 100\nsamples = 4\n",
+         min_workers = 1\njoin_timeout_secs = 30\nstart_grace_secs = 30\nstep_timeout_secs = 30\n\
+         heartbeat_timeout_secs = 2\n[checkpoint]\nevery = 100\nsamples = 4\n",
         data.display()
     );
     JobSpec::parse(&text, "tiny").unwrap()
@@ -62,8 +64,8 @@ fn pseudo_random(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The rank-order weighted mean, written out independently of the coordinator's code.
-fn rank_order_mean(parts: &[Vec<f32>], samples: &[u32]) -> Vec<f32> {
+/// The shard-order weighted mean, written out independently of the coordinator's code.
+fn shard_order_mean(parts: &[Vec<f32>], samples: &[u32]) -> Vec<f32> {
     let total: u32 = samples.iter().sum();
     let mut out = vec![0f32; parts[0].len()];
     for (part, &n) in parts.iter().zip(samples) {
@@ -81,20 +83,22 @@ struct Replicas {
     bn: Vec<f32>,
 }
 
-async fn receive_initial(workers: &mut [FakeWorker]) -> Replicas {
+impl Replicas {
+    fn crc(&self) -> u32 {
+        wire::crc32_of(&[&self.d, &self.g, &self.bn])
+    }
+}
+
+/// Each worker takes its shards, then receives both networks.
+async fn receive_initial(workers: &mut [FakeWorker], step: u64) -> Replicas {
     let mut first = None;
     for w in workers.iter_mut() {
-        let (net_d, step_d, d, _) = w.recv_params().await;
-        let (net_g, step_g, g, bn) = w.recv_params().await;
-        assert_eq!(
-            (net_d, net_g, step_d, step_g),
-            (pb::Network::Discriminator, pb::Network::Generator, 0, 0)
-        );
-        assert_eq!((d.len(), g.len(), bn.len()), (w.d_len(), w.g_len(), w.bn_len()));
+        w.take_assignment().await;
+        let replicas = receive_both(w, step).await;
         match &first {
-            None => first = Some(Replicas { d, g, bn }),
+            None => first = Some(replicas),
             Some(r) => assert!(
-                r.d == d && r.g == g && r.bn == bn,
+                r.d == replicas.d && r.g == replicas.g && r.bn == replicas.bn,
                 "every worker starts from the same parameters"
             ),
         }
@@ -102,28 +106,58 @@ async fn receive_initial(workers: &mut [FakeWorker]) -> Replicas {
     first.unwrap()
 }
 
-async fn evaluate(workers: &mut [FakeWorker], step: u64, sums: (f64, f64, f64), replicas: &Replicas) {
-    let crc = wire::crc32_of(&[&replicas.d, &replicas.g, &replicas.bn]);
-    for w in workers.iter_mut() {
-        let In::Evaluate(e) = w.recv().await else {
-            panic!("expected Evaluate")
-        };
-        assert_eq!(e.step, step);
-        assert_eq!(e.batch.len(), 2);
+async fn receive_both(w: &mut FakeWorker, step: u64) -> Replicas {
+    let (net_d, step_d, d, _) = w.recv_params().await;
+    let (net_g, step_g, g, bn) = w.recv_params().await;
+    assert_eq!(
+        (net_d, net_g, step_d, step_g),
+        (pb::Network::Discriminator, pb::Network::Generator, step, step)
+    );
+    assert_eq!((d.len(), g.len(), bn.len()), (w.d_len(), w.g_len(), w.bn_len()));
+    Replicas { d, g, bn }
+}
+
+/// Answers one Evaluate with the same loss sums for every shard the worker holds; returns the
+/// attempt it named.
+async fn answer_evaluate(w: &mut FakeWorker, step: u64, sums: (f64, f64, f64), crc: u32) -> u32 {
+    let In::Evaluate(e) = w.recv().await else {
+        panic!("expected Evaluate")
+    };
+    assert_eq!(e.step, step);
+    assert!(e.check_params);
+    let held: Vec<u32> = w.shards.keys().copied().collect();
+    assert_eq!(e.batches.iter().map(|b| b.shard).collect::<Vec<_>>(), held);
+    for b in &e.batches {
+        assert_eq!(b.indices.len(), 2);
         assert!(
-            e.batch.iter().all(|i| w.shard.contains(i)),
-            "batches come from the worker's own shard"
+            b.indices.iter().all(|i| w.shards[&b.shard].contains(i)),
+            "batches come from the shard they name"
         );
-        assert!(e.check_params);
-        w.send(Out::Losses(pb::Losses {
-            step,
+    }
+    let shards = e
+        .batches
+        .iter()
+        .map(|b| pb::ShardLosses {
+            shard: b.shard,
             samples: 2,
             sum_d_real: sums.0,
             sum_d_fake: sums.1,
             sum_g: sums.2,
-            params_crc32: Some(crc),
-        }))
-        .await;
+        })
+        .collect();
+    w.send(Out::Losses(pb::Losses {
+        step,
+        attempt: e.attempt,
+        shards,
+        params_crc32: Some(crc),
+    }))
+    .await;
+    e.attempt
+}
+
+async fn evaluate(workers: &mut [FakeWorker], step: u64, sums: (f64, f64, f64), replicas: &Replicas) {
+    for w in workers.iter_mut() {
+        answer_evaluate(w, step, sums, replicas.crc()).await;
     }
 }
 
@@ -143,42 +177,76 @@ async fn expect_plan(workers: &mut [FakeWorker], step: u64) -> (bool, bool) {
     plans[0]
 }
 
-/// Uploads per-rank gradients for one phase and checks the broadcast against TF1 RMSProp
-/// applied to the rank-order mean.
+/// The optimizer state the test keeps beside the coordinator's.
+struct Reference {
+    params: Vec<f32>,
+    mean_square: Vec<f32>,
+    optimizer: RmsProp,
+}
+
+fn optimizer(lr: f64) -> RmsProp {
+    RmsProp {
+        lr: lr as f32,
+        decay: 0.9,
+        epsilon: 1e-10,
+        l2: 1e-6,
+    }
+}
+
+/// Uploads per-shard gradients for one phase (`poison` shards get a NaN) and checks the
+/// broadcast against TF1 RMSProp applied to the shard-order mean of the finite ones.
 async fn phase(
     workers: &mut [FakeWorker],
-    step: u64,
+    (step, attempt): (u64, u32),
     phase: pb::Phase,
-    params: &mut [f32],
-    mean_square: &mut [f32],
+    reference: &mut Reference,
     bn: &mut [f32],
-    optimizer: RmsProp,
+    poison: &[u32],
 ) {
-    let len = params.len();
+    let len = reference.params.len();
     let bn_len = bn.len();
-    let grads: Vec<Vec<f32>> = (0..workers.len())
-        .map(|r| pseudo_random(step * 100 + r as u64 + phase as u64 * 10, len))
+    let shards: usize = workers.iter().map(|w| w.shards.len()).sum();
+    let grads: Vec<Vec<f32>> = (0..shards)
+        .map(|s| {
+            let mut g = pseudo_random(step * 100 + s as u64 + phase as u64 * 10, len);
+            if poison.contains(&(s as u32)) {
+                g[len / 2] = f32::NAN;
+            }
+            g
+        })
         .collect();
-    let stats: Vec<Vec<f32>> = (0..workers.len())
-        .map(|r| {
-            pseudo_random(step * 1000 + r as u64, bn_len)
+    let stats: Vec<Vec<f32>> = (0..shards)
+        .map(|s| {
+            pseudo_random(step * 1000 + s as u64, bn_len)
                 .iter()
                 .map(|v| v.abs())
                 .collect()
         })
         .collect();
-    for (w, (g, s)) in workers.iter().zip(grads.iter().zip(&stats)) {
-        w.upload(step, phase, g, 2, s.clone()).await;
+    for w in workers.iter() {
+        for &shard in w.shards.keys() {
+            let s = shard as usize;
+            w.upload((step, attempt), phase, shard, &grads[s], 2, stats[s].clone())
+                .await;
+        }
     }
-    let mean = rank_order_mean(&grads, &[2, 2, 2]);
-    let reversed: Vec<Vec<f32>> = grads.iter().rev().cloned().collect();
-    assert_ne!(
-        mean,
-        rank_order_mean(&reversed, &[2, 2, 2]),
-        "the test values are order-sensitive"
-    );
-    optimizer.apply(params, mean_square, &mean);
-    update_moving_average(bn, &rank_order_mean(&stats, &[2, 2, 2]), 0.9);
+    let finite: Vec<usize> = (0..shards).filter(|s| !poison.contains(&(*s as u32))).collect();
+    let pick = |all: &[Vec<f32>]| finite.iter().map(|&s| all[s].clone()).collect::<Vec<_>>();
+    let samples = vec![2; finite.len()];
+    let mean = shard_order_mean(&pick(&grads), &samples);
+    // Two equal-weight terms commute exactly; three or more show the order.
+    if finite.len() > 2 {
+        let reversed: Vec<Vec<f32>> = pick(&grads).into_iter().rev().collect();
+        assert_ne!(
+            mean,
+            shard_order_mean(&reversed, &samples),
+            "the test values are order-sensitive"
+        );
+    }
+    reference
+        .optimizer
+        .apply(&mut reference.params, &mut reference.mean_square, &mean);
+    update_moving_average(bn, &shard_order_mean(&pick(&stats), &samples), 0.9);
     let network = if phase == pb::Phase::Discriminator {
         pb::Network::Discriminator
     } else {
@@ -188,15 +256,38 @@ async fn phase(
         let (net, at, values, running) = w.recv_params().await;
         assert_eq!((net, at), (network, step));
         assert!(
-            values == *params,
-            "broadcast parameters equal TF1 RMSProp on the rank-order mean, bit for bit"
+            values == reference.params,
+            "broadcast parameters equal TF1 RMSProp on the shard-order mean, bit for bit"
         );
         assert_eq!(&running, bn);
     }
 }
 
+/// Answers the sample request the last step's checkpoint makes.
+async fn answer_samples(w: &mut FakeWorker, step: u64) {
+    let In::Sample(request) = w.recv().await else {
+        panic!("expected a sample request")
+    };
+    assert_eq!((request.step, request.count), (step, 4));
+    w.send(Out::Samples(pb::Samples {
+        step,
+        count: 4,
+        image_size: 8,
+        pixels: vec![200u8; 4 * 8 * 8 * 3].into(),
+    }))
+    .await;
+}
+
+fn events(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("events.jsonl"))
+        .expect("events.jsonl exists")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each event line is JSON"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn averages_in_rank_order_updates_exactly_and_follows_the_balance() {
+async fn averages_in_shard_order_updates_exactly_and_follows_the_balance() {
     let data = tempfile::tempdir().unwrap();
     let run = tempfile::tempdir().unwrap();
     tiny_dataset(data.path());
@@ -207,19 +298,31 @@ async fn averages_in_rank_order_updates_exactly_and_follows_the_balance() {
         workers.push(FakeWorker::join(&coordinator.url()).await);
     }
     assert_eq!(workers.iter().map(|w| w.rank).collect::<Vec<_>>(), vec![0, 1, 2]);
-    let mut shards: Vec<u32> = workers.iter().flat_map(|w| w.shard.clone()).collect();
-    shards.sort();
-    assert_eq!(shards, (0..12).collect::<Vec<_>>(), "the shards partition the dataset");
+    let mut replicas = receive_initial(&mut workers, 0).await;
+    assert_eq!(
+        workers
+            .iter()
+            .map(|w| w.shards.keys().copied().collect())
+            .collect::<Vec<Vec<u32>>>(),
+        vec![vec![0], vec![1], vec![2]]
+    );
+    let mut images: Vec<u32> = workers
+        .iter()
+        .flat_map(|w| w.shards.values().flatten().copied())
+        .collect();
+    images.sort();
+    assert_eq!(images, (0..12).collect::<Vec<_>>(), "the shards partition the dataset");
 
-    let mut replicas = receive_initial(&mut workers).await;
-    let opt = |lr: f64| RmsProp {
-        lr: lr as f32,
-        decay: 0.9,
-        epsilon: 1e-10,
-        l2: 1e-6,
+    let mut d = Reference {
+        params: replicas.d.clone(),
+        mean_square: initial_mean_square(replicas.d.len()),
+        optimizer: optimizer(spec.train.lr_d),
     };
-    let mut ms_d = initial_mean_square(replicas.d.len());
-    let mut ms_g = initial_mean_square(replicas.g.len());
+    let mut g = Reference {
+        params: replicas.g.clone(),
+        mean_square: initial_mean_square(replicas.g.len()),
+        optimizer: optimizer(spec.train.lr_g),
+    };
 
     // Step 1: loss_d = 0.7, loss_g = 0.8: both train.
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
@@ -233,60 +336,47 @@ async fn averages_in_rank_order_updates_exactly_and_follows_the_balance() {
     assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
     phase(
         &mut workers,
-        1,
+        (1, 1),
         pb::Phase::Discriminator,
-        &mut replicas.d,
-        &mut ms_d,
+        &mut d,
         &mut replicas.bn,
-        opt(spec.train.lr_d),
+        &[],
     )
     .await;
     phase(
         &mut workers,
-        1,
+        (1, 1),
         pb::Phase::Generator,
-        &mut replicas.g,
-        &mut ms_g,
+        &mut g,
         &mut replicas.bn,
-        opt(spec.train.lr_g),
+        &[],
     )
     .await;
+    (replicas.d, replicas.g) = (d.params.clone(), g.params.clone());
 
     // Step 2: loss_d = 1.0, loss_g = 0.5: the generator is far ahead and sits out.
     evaluate(&mut workers, 2, (2.0, 2.0, 1.0), &replicas).await;
     assert_eq!(expect_plan(&mut workers, 2).await, (true, false));
     phase(
         &mut workers,
-        2,
+        (2, 1),
         pb::Phase::Discriminator,
-        &mut replicas.d,
-        &mut ms_d,
+        &mut d,
         &mut replicas.bn,
-        opt(spec.train.lr_d),
+        &[],
     )
     .await;
 
-    // The last step is checkpointed with a sample grid drawn by rank 0.
-    let In::Sample(request) = workers[0].recv().await else {
-        panic!("expected a sample request")
-    };
-    assert_eq!((request.step, request.count), (2, 4));
-    workers[0]
-        .send(Out::Samples(pb::Samples {
-            step: 2,
-            count: 4,
-            image_size: 8,
-            pixels: vec![200u8; 4 * 8 * 8 * 3].into(),
-        }))
-        .await;
+    // The last step is checkpointed with a sample grid drawn by the first worker.
+    answer_samples(&mut workers[0], 2).await;
     for w in workers.iter_mut() {
-        assert!(matches!(w.recv().await, In::Shutdown(_)));
+        assert!(matches!(w.recv().await, In::Shutdown(s) if !s.rejoin));
     }
     let summary = coordinator
         .finish(Duration::from_secs(30))
         .await
         .expect("the run succeeds");
-    assert_eq!(summary.step, 2);
+    assert_eq!((summary.step, summary.evictions, summary.retries), (2, 0, 0));
 
     let metrics = metric_lines(run.path());
     assert_eq!(metrics.len(), 2);
@@ -297,70 +387,251 @@ async fn averages_in_rank_order_updates_exactly_and_follows_the_balance() {
     assert!((metrics[0]["loss_g"].as_f64().unwrap() - 0.8).abs() < 1e-12);
     assert_eq!(metrics[0]["workers"], 3);
     assert_eq!(metrics[0]["images"], 6);
+    assert_eq!(
+        (metrics[0]["attempts"].as_u64(), metrics[0]["dropped"].as_u64()),
+        (Some(1), Some(0))
+    );
     let saved = checkpoint::load(&run.path().join("checkpoints/step-00000002.safetensors")).unwrap();
-    assert_eq!(saved.state.discriminator.params, replicas.d);
-    assert_eq!(saved.state.discriminator.mean_square, ms_d);
-    assert_eq!(saved.state.generator.params, replicas.g);
+    assert_eq!(saved.state.discriminator.params, d.params);
+    assert_eq!(saved.state.discriminator.mean_square, d.mean_square);
+    assert_eq!(saved.state.generator.params, g.params);
     assert_eq!(saved.state.batch_norm, replicas.bn);
     let grid = image::open(run.path().join("samples/step-00000002.png")).unwrap();
     assert_eq!((grid.width(), grid.height()), (2 * 8 + 3 * 2, 2 * 8 + 3 * 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drifted_replica_stops_the_run_naming_the_worker() {
-    let (_data, _run, coordinator) = tiny_cluster(2, 3).await;
+async fn a_drifted_replica_is_evicted_and_the_step_retried_by_the_survivor() {
+    let (_data, run, coordinator) = tiny_cluster(2, 1).await;
     let mut workers = vec![
         FakeWorker::join(&coordinator.url()).await,
         FakeWorker::join(&coordinator.url()).await,
     ];
-    let mut replicas = receive_initial(&mut workers).await;
-    // Rank 1 claims parameters that differ in one value.
-    replicas.g[0] += 1.0;
-    let crc_bad = wire::crc32_of(&[&replicas.d, &replicas.g, &replicas.bn]);
-    replicas.g[0] -= 1.0;
-    let crc_good = wire::crc32_of(&[&replicas.d, &replicas.g, &replicas.bn]);
-    for (w, crc) in workers.iter_mut().zip([crc_good, crc_bad]) {
-        let In::Evaluate(_) = w.recv().await else {
-            panic!("expected Evaluate")
-        };
-        w.send(Out::Losses(pb::Losses {
+    let replicas = receive_initial(&mut workers, 0).await;
+    // The second worker claims parameters that differ in one value.
+    let mut drifted = Replicas {
+        d: replicas.d.clone(),
+        g: replicas.g.clone(),
+        bn: replicas.bn.clone(),
+    };
+    drifted.g[0] += 1.0;
+    answer_evaluate(&mut workers[0], 1, (1.4, 1.4, 1.6), replicas.crc()).await;
+    answer_evaluate(&mut workers[1], 1, (1.4, 1.4, 1.6), drifted.crc()).await;
+    let mut bad = workers.pop().unwrap();
+    let In::Shutdown(shutdown) = bad.recv().await else {
+        panic!("expected Shutdown")
+    };
+    assert!(
+        shutdown.rejoin && shutdown.reason.contains("drifted"),
+        "{}",
+        shutdown.reason
+    );
+
+    // The survivor holds both shards and retries step 1 as attempt 2; a late answer to the
+    // abandoned attempt is ignored.
+    let survivor = &mut workers[0];
+    assert_eq!(survivor.take_assignment().await, vec![0, 1]);
+    let again = receive_both(survivor, 0).await;
+    assert!(again.d == replicas.d && again.g == replicas.g);
+    survivor
+        .send(Out::Losses(pb::Losses {
             step: 1,
-            samples: 2,
-            sum_d_real: 1.0,
-            sum_d_fake: 1.0,
-            sum_g: 1.0,
-            params_crc32: Some(crc),
+            attempt: 1,
+            shards: vec![],
+            params_crc32: None,
         }))
         .await;
-    }
-    let err = run_error(coordinator).await;
-    assert!(
-        err.contains("worker 2") && err.contains("step 1") && err.contains("drifted"),
-        "{err}"
+    assert_eq!(answer_evaluate(survivor, 1, (1.4, 1.4, 1.6), replicas.crc()).await, 2);
+    let mut d = Reference {
+        params: replicas.d.clone(),
+        mean_square: initial_mean_square(replicas.d.len()),
+        optimizer: optimizer(1e-4),
+    };
+    let mut g = Reference {
+        params: replicas.g.clone(),
+        mean_square: initial_mean_square(replicas.g.len()),
+        optimizer: optimizer(2e-4),
+    };
+    let mut bn = replicas.bn.clone();
+    assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
+    phase(&mut workers, (1, 2), pb::Phase::Discriminator, &mut d, &mut bn, &[]).await;
+    phase(&mut workers, (1, 2), pb::Phase::Generator, &mut g, &mut bn, &[]).await;
+    answer_samples(&mut workers[0], 1).await;
+    let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!((summary.step, summary.evictions, summary.retries), (1, 1, 1));
+    let metrics = metric_lines(run.path());
+    assert_eq!(
+        (
+            metrics.len(),
+            metrics[0]["attempts"].as_u64(),
+            metrics[0]["workers"].as_u64()
+        ),
+        (1, Some(2), Some(1))
     );
+    let evicted: Vec<_> = events(run.path())
+        .into_iter()
+        .filter(|e| e["event"] == "evicted")
+        .collect();
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(evicted[0]["worker"], bad.id);
+    assert!(evicted[0]["reason"].as_str().unwrap().contains("drifted"));
+    let saved = checkpoint::load(&run.path().join("checkpoints/step-00000001.safetensors")).unwrap();
+    assert_eq!(saved.state.discriminator.params, d.params);
+    assert_eq!(saved.state.generator.params, g.params);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gradient_of_the_wrong_length_is_refused_naming_the_worker() {
-    let (_data, run, coordinator) = tiny_cluster(1, 3).await;
+async fn a_gradient_of_the_wrong_length_evicts_the_worker_and_the_run_pauses() {
+    let (_data, run, mut coordinator) = tiny_cluster(1, 3).await;
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
-    let replicas = receive_initial(&mut workers).await;
+    let replicas = receive_initial(&mut workers, 0).await;
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
     expect_plan(&mut workers, 1).await;
     let short = vec![0.0f32; workers[0].d_len() - 1];
     let bn = vec![1.0; workers[0].bn_len()];
-    workers[0].upload(1, pb::Phase::Discriminator, &short, 2, bn).await;
-    let err = run_error(coordinator).await;
-    assert!(
-        err.contains("worker 1") && err.contains("discriminator") && err.contains("ended after"),
-        "{err}"
-    );
+    workers[0]
+        .upload((1, 1), pb::Phase::Discriminator, 0, &short, 2, bn)
+        .await;
+    let In::Shutdown(shutdown) = workers[0].recv().await else {
+        panic!("expected Shutdown")
+    };
+    assert!(shutdown.reason.contains("ended after"), "{}", shutdown.reason);
+    // With no worker left the run pauses rather than failing; a stop then ends it cleanly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let paused = events(run.path()).iter().any(|e| e["event"] == "paused");
+    assert!(paused, "the pause is recorded");
+    coordinator.stop();
+    let summary = coordinator.finish(Duration::from_secs(10)).await.unwrap();
+    assert!(summary.interrupted && summary.step == 0);
     // Nothing was completed, so nothing was checkpointed; the run directory is still usable.
     assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_beyond_the_spec_is_refused_at_join() {
+async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
+    let data = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    tiny_dataset(data.path());
+    let spec = tiny_spec(data.path(), 3, 1);
+    let coordinator = TestCoordinator::start(spec.clone(), run.path(), false, None).await;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(FakeWorker::join(&coordinator.url()).await);
+    }
+    let mut replicas = receive_initial(&mut workers, 0).await;
+    let mut d = Reference {
+        params: replicas.d.clone(),
+        mean_square: initial_mean_square(replicas.d.len()),
+        optimizer: optimizer(spec.train.lr_d),
+    };
+    let mut g = Reference {
+        params: replicas.g.clone(),
+        mean_square: initial_mean_square(replicas.g.len()),
+        optimizer: optimizer(spec.train.lr_g),
+    };
+    evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
+    assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
+    // Shard 1's D gradient holds a NaN: the update is the mean of shards 0 and 2 only.
+    phase(
+        &mut workers,
+        (1, 1),
+        pb::Phase::Discriminator,
+        &mut d,
+        &mut replicas.bn,
+        &[1],
+    )
+    .await;
+    phase(
+        &mut workers,
+        (1, 1),
+        pb::Phase::Generator,
+        &mut g,
+        &mut replicas.bn,
+        &[],
+    )
+    .await;
+    answer_samples(&mut workers[0], 1).await;
+    let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!((summary.step, summary.evictions), (1, 0));
+    let metrics = metric_lines(run.path());
+    assert_eq!(metrics[0]["dropped"], 1);
+    let dropped: Vec<_> = events(run.path())
+        .into_iter()
+        .filter(|e| e["event"] == "dropped")
+        .collect();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(
+        (dropped[0]["shard"].as_u64(), dropped[0]["phase"].as_str()),
+        (Some(1), Some("discriminator"))
+    );
+    let saved = checkpoint::load(&run.path().join("checkpoints/step-00000001.safetensors")).unwrap();
+    assert!(saved.state.discriminator.params.iter().all(|v| v.is_finite()));
+    assert_eq!(saved.state.discriminator.params, d.params);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_nan_losses_sits_the_step_out() {
+    let (_data, run, coordinator) = tiny_cluster(2, 1).await;
+    let mut workers = vec![
+        FakeWorker::join(&coordinator.url()).await,
+        FakeWorker::join(&coordinator.url()).await,
+    ];
+    let replicas = receive_initial(&mut workers, 0).await;
+    // Shard 0 reports NaN: the plan follows shard 1 alone (D far ahead: only G trains).
+    answer_evaluate(&mut workers[0], 1, (f64::NAN, 1.0, 1.0), replicas.crc()).await;
+    answer_evaluate(&mut workers[1], 1, (0.2, 0.2, 2.0), replicas.crc()).await;
+    assert_eq!(expect_plan(&mut workers, 1).await, (false, true));
+    let mut g = Reference {
+        params: replicas.g.clone(),
+        mean_square: initial_mean_square(replicas.g.len()),
+        optimizer: optimizer(2e-4),
+    };
+    // Both upload; shard 0's finite-looking gradient is still left out, as its losses were not
+    // finite. The reference drops it the same way.
+    let mut bn = replicas.bn.clone();
+    phase(&mut workers, (1, 1), pb::Phase::Generator, &mut g, &mut bn, &[0]).await;
+    answer_samples(&mut workers[0], 1).await;
+    coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    let metrics = metric_lines(run.path());
+    assert!((metrics[0]["loss_d"].as_f64().unwrap() - 0.1).abs() < 1e-12);
+    assert_eq!(
+        (metrics[0]["images"].as_u64(), metrics[0]["dropped"].as_u64()),
+        (Some(2), Some(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_is_evicted_within_the_heartbeat_timeout() {
+    let (_data, run, coordinator) = tiny_cluster(2, 1).await;
+    let mut workers = vec![
+        FakeWorker::join(&coordinator.url()).await,
+        FakeWorker::join(&coordinator.url()).await,
+    ];
+    let replicas = receive_initial(&mut workers, 0).await;
+    answer_evaluate(&mut workers[0], 1, (1.4, 1.4, 1.6), replicas.crc()).await;
+    // The second worker hangs: no answer, no heartbeat; the step timeout is 30 s, the
+    // heartbeat timeout 2 s.
+    workers[1].stop_heartbeats();
+    let hung_at = std::time::Instant::now();
+    let survivor = &mut workers[0];
+    assert_eq!(survivor.take_assignment().await, vec![0, 1]);
+    let waited = hung_at.elapsed();
+    assert!(waited < Duration::from_secs(10), "evicted after {waited:?}");
+    receive_both(survivor, 0).await;
+    assert_eq!(answer_evaluate(survivor, 1, (1.4, 1.4, 1.6), replicas.crc()).await, 2);
+    drop(coordinator);
+    let evicted: Vec<_> = events(run.path())
+        .into_iter()
+        .filter(|e| e["event"] == "evicted")
+        .collect();
+    assert!(
+        evicted[0]["reason"].as_str().unwrap().contains("heartbeat"),
+        "{evicted:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_beyond_the_spec_is_told_the_cluster_is_full() {
     let (_data, _run, coordinator) = tiny_cluster(1, 1).await;
     let _first = FakeWorker::join(&coordinator.url()).await;
     let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
@@ -375,7 +646,8 @@ async fn a_worker_beyond_the_spec_is_refused_at_join() {
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    // Resource-exhausted: a worker retries, since a place frees when another is evicted.
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(status.message().contains("full"), "{}", status.message());
     let status = client
         .join(pb::JoinRequest {
@@ -390,12 +662,33 @@ async fn a_worker_beyond_the_spec_is_refused_at_join() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_may_fetch_only_the_shards_assigned_to_it() {
+    let (_data, _run, coordinator) = tiny_cluster(2, 1).await;
+    let mut workers = vec![
+        FakeWorker::join(&coordinator.url()).await,
+        FakeWorker::join(&coordinator.url()).await,
+    ];
+    receive_initial(&mut workers, 0).await;
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
+        .await
+        .unwrap();
+    let status = client
+        .fetch_shard(pb::ShardRequest {
+            worker_id: workers[0].id,
+            shard: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_coordinator_on_the_same_run_directory_is_refused() {
     let data = tempfile::tempdir().unwrap();
     let run = tempfile::tempdir().unwrap();
     tiny_dataset(data.path());
-    let mut first = TestCoordinator::start(tiny_spec(data.path(), 1, 1), run.path(), false, None).await;
-    // The first waits for its worker; the second must not share its folder.
+    let mut first = TestCoordinator::start(tiny_spec(data.path(), 2, 1), run.path(), false, None).await;
+    // The first waits for its workers; the second must not share its folder.
     let _worker = FakeWorker::join(&first.url()).await;
     let second = TestCoordinator::start(tiny_spec(data.path(), 1, 1), run.path(), false, None).await;
     let err = run_error(second).await;
@@ -451,36 +744,23 @@ async fn a_worker_that_leaves_before_the_start_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_finite_losses_stop_the_run_naming_the_worker() {
-    let (_data, _run, coordinator) = tiny_cluster(1, 3).await;
+async fn non_finite_losses_everywhere_for_ten_steps_stop_the_run_as_diverged() {
+    let (_data, run, coordinator) = tiny_cluster(1, 20).await;
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
-    let replicas = receive_initial(&mut workers).await;
-    evaluate(&mut workers, 1, (f64::NAN, 1.0, 1.0), &replicas).await;
+    let replicas = receive_initial(&mut workers, 0).await;
+    for step in 1..=10 {
+        evaluate(&mut workers, step, (f64::NAN, 1.0, 1.0), &replicas).await;
+        if step < 10 {
+            assert_eq!(expect_plan(&mut workers, step).await, (false, false));
+        }
+    }
     let err = run_error(coordinator).await;
-    assert!(
-        err.contains("worker 1") && err.contains("non-finite") && err.contains("step 1"),
-        "{err}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_diverged_run_saves_no_checkpoint_of_its_ruined_weights() {
-    let (_data, run, coordinator) = tiny_cluster(1, 5).await;
-    let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
-    let mut replicas = receive_initial(&mut workers).await;
-    // Step 1 completes: D is far ahead (0.2 * 1.35 < 2.0), so only G trains.
-    evaluate(&mut workers, 1, (0.2, 0.2, 2.0), &replicas).await;
-    assert_eq!(expect_plan(&mut workers, 1).await, (false, true));
-    let (g_len, bn_len) = (workers[0].g_len(), workers[0].bn_len());
-    workers[0]
-        .upload(1, pb::Phase::Generator, &vec![0.5; g_len], 2, vec![1.0; bn_len])
-        .await;
-    let (_, _, g, bn) = workers[0].recv_params().await;
-    (replicas.g, replicas.bn) = (g, bn);
-    // Step 2 reports NaN: the run stops and checkpoints nothing, since what it holds may
-    // already be ruined and saving it would prune a good checkpoint.
-    evaluate(&mut workers, 2, (f64::NAN, 0.2, 2.0), &replicas).await;
-    let err = run_error(coordinator).await;
-    assert!(err.contains("diverged"), "{err}");
-    assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
+    assert!(err.contains("diverged") && err.contains("10 steps"), "{err}");
+    // Nothing non-finite was ever applied: the checkpoint saved on the way out holds the
+    // untouched parameters, and the skipped steps are in the log.
+    let saved = checkpoint::load(&run.path().join("checkpoints/step-00000009.safetensors")).unwrap();
+    assert_eq!(saved.state.discriminator.params, replicas.d);
+    let metrics = metric_lines(run.path());
+    assert_eq!(metrics.len(), 9);
+    assert!(metrics.iter().all(|m| m["skipped"] == true && m["loss_d"].is_null()));
 }

@@ -1,27 +1,29 @@
-//! The worker's conversation with the coordinator: Join, download the shard, then follow the
-//! coordinator's Session step by step.
+//! The worker's conversation with the coordinator: Join, then follow the coordinator's Session
+//! step by step, downloading the shards it assigns. A lost coordinator (killed, restarted, the
+//! network gone) is reached again with backoff and the worker joins anew; an eviction for
+//! being late is answered by joining again too. Only the end of the run, a stop request or a
+//! real error ends the worker.
 //!
 //! libtorch calls block, so the replica lives on its own thread ([`crate::compute`]); this
-//! async side only moves messages between the gRPC stream and that thread.
+//! async side only moves messages between the gRPC stream and that thread, and sends the
+//! heartbeats.
 
 use std::time::Duration;
 
 use forger_common::layout;
 use forger_common::spec::JobSpec;
 use forger_proto::PROTOCOL_VERSION;
-use forger_proto::pb::{self, coordinator_client::CoordinatorClient};
+use forger_proto::pb::{self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In};
 use tch::Device;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
-use crate::compute::{self, Job, Shard};
+use crate::compute::{self, Command, Job, Shard};
 use crate::device;
 use crate::error::{Result, WorkerError};
-
-/// How long a worker keeps trying to reach a coordinator that is not up yet.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Process settings of a worker.
 #[derive(Debug, Clone)]
@@ -29,11 +31,53 @@ pub struct WorkerConfig {
     pub coordinator: String,
     pub device: Device,
     pub threads: usize,
+    /// How long to keep trying to reach the coordinator (or a free place in its job) before
+    /// giving up.
+    pub patience: Duration,
 }
 
-/// Joins the coordinator's job and works until it says the run is over.
-pub async fn run(config: WorkerConfig) -> Result<()> {
-    let channel = connect(&config.coordinator).await?;
+/// How a session ended without an error.
+enum Ended {
+    /// The run is over, or this worker was dismissed for good.
+    Finished,
+    /// Evicted (late or out of step); joining again is welcome.
+    Rejoin(String),
+}
+
+/// After a stop request, how long the worker waits to be dismissed at the end of the step.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Joins the coordinator's job and works until it says the run is over, rejoining after
+/// evictions and coordinator restarts. `leave` turns true when the process is asked to stop.
+pub async fn run(config: WorkerConfig, leave: watch::Receiver<bool>) -> Result<()> {
+    let mut lost_since: Option<Instant> = None;
+    loop {
+        if *leave.borrow() {
+            return Ok(());
+        }
+        match session(&config, leave.clone()).await {
+            Ok(Ended::Finished) => return Ok(()),
+            Ok(Ended::Rejoin(reason)) => {
+                warn!(%reason, "evicted by the coordinator; joining again");
+                lost_since = None;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) if e.is_transient() => {
+                let since = *lost_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > config.patience {
+                    return Err(e);
+                }
+                warn!(error = %e, "lost the coordinator or found no place; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One membership of the job: Join, Session, and the steps until it ends.
+async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Result<Ended> {
+    let channel = connect(&config.coordinator, config.patience).await?;
     let mut client = CoordinatorClient::new(channel);
     let host = format!("{}/{}", host_name(), std::process::id());
     let reply = client
@@ -54,68 +98,116 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
             reply.layout_fingerprint
         )));
     }
-    info!(worker = reply.worker_id, rank = reply.rank, "joined");
-    let shard = fetch_shard(&mut client, reply.worker_id, spec.data.image_size).await?;
-    info!(images = shard.indices.len(), "shard received");
+    let worker_id = reply.worker_id;
+    info!(worker = worker_id, rank = reply.rank, "joined");
 
     let (out_tx, out_rx) = mpsc::channel::<pb::WorkerMessage>(64);
+    let send = |kind| pb::WorkerMessage { kind: Some(kind) };
     out_tx
-        .send(pb::WorkerMessage {
-            kind: Some(pb::worker_message::Kind::Hello(pb::Hello {
-                worker_id: reply.worker_id,
-            })),
-        })
+        .send(send(pb::worker_message::Kind::Hello(pb::Hello { worker_id })))
         .await
         .map_err(|_| WorkerError::Protocol("the session closed before it opened".into()))?;
     let mut inbound = client.session(ReceiverStream::new(out_rx)).await?.into_inner();
 
+    let heartbeat_every = Duration::from_secs(spec.cluster.heartbeat_secs);
+    let heartbeats = {
+        let out_tx = out_tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(heartbeat_every);
+            loop {
+                tick.tick().await;
+                let beat = pb::WorkerMessage {
+                    kind: Some(pb::worker_message::Kind::Heartbeat(pb::Heartbeat {})),
+                };
+                if out_tx.send(beat).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
     let job = Job {
         spec,
-        rank: reply.rank,
         device: config.device,
     };
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<pb::CoordinatorMessage>();
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<Command>();
     let compute_out = out_tx.clone();
     let compute = std::thread::Builder::new()
         .name("forger-compute".into())
-        .spawn(move || compute::run(job, shard, cmd_rx, compute_out))
+        .spawn(move || compute::run(job, cmd_rx, compute_out))
         .map_err(|e| WorkerError::Protocol(format!("failed to start the compute thread: {e}")))?;
 
-    let stream_result: Result<()> = loop {
-        match inbound.message().await {
+    let mut held: Vec<u32> = Vec::new();
+    let mut leave_deadline: Option<Instant> = None;
+    let stream_result: Result<Ended> = loop {
+        let message = tokio::select! {
+            message = inbound.message() => message,
+            _ = leave.wait_for(|l| *l), if leave_deadline.is_none() => {
+                info!("asked to stop: leaving the cluster at the end of the current step");
+                let reason = "the worker was asked to stop".to_string();
+                let _ = out_tx.send(send(pb::worker_message::Kind::Leave(pb::Leave { reason }))).await;
+                leave_deadline = Some(Instant::now() + LEAVE_TIMEOUT);
+                continue;
+            }
+            _ = tokio::time::sleep_until(leave_deadline.unwrap_or_else(Instant::now)), if leave_deadline.is_some() => {
+                warn!("the coordinator did not dismiss this worker in time; leaving anyway");
+                break Ok(Ended::Finished);
+            }
+        };
+        match message {
             Ok(Some(message)) => {
-                let is_shutdown = matches!(message.kind, Some(pb::coordinator_message::Kind::Shutdown(_)));
-                if cmd_tx.send(message).is_err() {
-                    // The compute thread ended; its own result says why.
-                    break Ok(());
+                if let Some(In::Shutdown(shutdown)) = &message.kind {
+                    let ended = if shutdown.rejoin && leave_deadline.is_none() {
+                        Ended::Rejoin(shutdown.reason.clone())
+                    } else {
+                        Ended::Finished
+                    };
+                    let _ = cmd_tx.send(Command::Message(message));
+                    break Ok(ended);
                 }
-                if is_shutdown {
-                    break Ok(());
+                let command = if let Some(In::Assign(assign)) = &message.kind {
+                    let shards = assign.shards.clone();
+                    let mut fetched = Vec::new();
+                    for &shard in shards.iter().filter(|s| !held.contains(s)) {
+                        fetched.push(fetch_shard(&mut client, worker_id, shard, image_size as u32).await);
+                    }
+                    let fetched = match fetched.into_iter().collect::<Result<Vec<_>>>() {
+                        Ok(fetched) => fetched,
+                        Err(e) => break Err(e),
+                    };
+                    held.clone_from(&shards);
+                    Command::Shards { shards, fetched }
+                } else {
+                    Command::Message(message)
+                };
+                if cmd_tx.send(command).is_err() {
+                    // The compute thread ended; its own result says why.
+                    break Ok(Ended::Finished);
                 }
             }
             Ok(None) => {
-                break Err(WorkerError::Protocol(
+                break Err(WorkerError::Disconnected(
                     "the coordinator closed the session without a shutdown".into(),
                 ));
             }
             Err(status) => break Err(WorkerError::Status(status)),
         }
     };
+    heartbeats.abort();
     drop(cmd_tx);
     let compute_result = tokio::task::spawn_blocking(move || compute.join())
         .await
         .map_err(|e| WorkerError::Protocol(format!("compute thread: {e}")))?
         .map_err(|_| WorkerError::Protocol("the compute thread panicked".into()))?;
+    let stream_ended = stream_result?;
     if let Err(e) = &compute_result {
         // Tell the coordinator why before leaving, so its log names the cause.
         let _ = out_tx
-            .send(pb::WorkerMessage {
-                kind: Some(pb::worker_message::Kind::Failure(pb::Failure {
-                    step: 0,
-                    phase: pb::Phase::Unspecified as i32,
-                    message: e.to_string(),
-                })),
-            })
+            .send(send(pb::worker_message::Kind::Failure(pb::Failure {
+                step: 0,
+                phase: pb::Phase::Unspecified as i32,
+                message: e.to_string(),
+            })))
             .await;
     }
     // End our half of the session properly, so the coordinator sees a clean close rather than
@@ -126,7 +218,7 @@ pub async fn run(config: WorkerConfig) -> Result<()> {
     })
     .await;
     compute_result?;
-    stream_result
+    Ok(stream_ended)
 }
 
 /// The machine's name for logs, read where Linux keeps it.
@@ -152,8 +244,9 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Connects with exponential backoff, so workers may start before the coordinator.
-async fn connect(url: &str) -> Result<Channel> {
+/// Connects with exponential backoff, so workers may start before the coordinator (or
+/// outlive a restart of it).
+async fn connect(url: &str, patience: Duration) -> Result<Channel> {
     if url.starts_with("https://") {
         return Err(WorkerError::Protocol(format!(
             "`{url}`: TLS is not supported yet; use http:// on a trusted network"
@@ -167,13 +260,18 @@ async fn connect(url: &str) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| WorkerError::Protocol(format!("bad coordinator address `{url}`: {e}")))?
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // A coordinator host that vanishes without closing the connection is noticed within
+        // seconds rather than when the kernel gives up on the socket.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
-            Err(e) if started.elapsed() < CONNECT_PATIENCE => {
+            Err(e) if started.elapsed() < patience => {
                 warn!(coordinator = url, error = %with_causes(&e), retry_in_ms = delay.as_millis() as u64, "coordinator not reachable yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
@@ -181,7 +279,7 @@ async fn connect(url: &str) -> Result<Channel> {
             Err(e) => {
                 return Err(WorkerError::Protocol(format!(
                     "could not reach the coordinator at {url} within {} s: {}",
-                    CONNECT_PATIENCE.as_secs(),
+                    patience.as_secs(),
                     with_causes(&e)
                 )));
             }
@@ -189,29 +287,45 @@ async fn connect(url: &str) -> Result<Channel> {
     }
 }
 
-async fn fetch_shard(client: &mut CoordinatorClient<Channel>, worker_id: u64, image_size: u32) -> Result<Shard> {
-    let mut stream = client.fetch_shard(pb::ShardRequest { worker_id }).await?.into_inner();
+async fn fetch_shard(
+    client: &mut CoordinatorClient<Channel>,
+    worker_id: u64,
+    shard: u32,
+    image_size: u32,
+) -> Result<Shard> {
+    let mut stream = client
+        .fetch_shard(pb::ShardRequest { worker_id, shard })
+        .await?
+        .into_inner();
     let per_image = (image_size * image_size * 3) as usize;
-    let mut shard = Shard {
+    let mut data = Shard {
+        shard,
         image_size,
         indices: Vec::new(),
         pixels: Vec::new(),
     };
     while let Some(chunk) = stream.message().await? {
-        if chunk.image_size != image_size || chunk.pixels.len() != chunk.indices.len() * per_image {
+        if chunk.shard != shard
+            || chunk.image_size != image_size
+            || chunk.pixels.len() != chunk.indices.len() * per_image
+        {
             return Err(WorkerError::Protocol(format!(
-                "a shard chunk of {} images holds {} bytes at {} px, expected {} px images",
+                "a chunk of shard {} with {} images holds {} bytes at {} px, expected shard {shard} with {} px images",
+                chunk.shard,
                 chunk.indices.len(),
                 chunk.pixels.len(),
                 chunk.image_size,
                 image_size
             )));
         }
-        shard.indices.extend_from_slice(&chunk.indices);
-        shard.pixels.extend_from_slice(&chunk.pixels);
+        data.indices.extend_from_slice(&chunk.indices);
+        data.pixels.extend_from_slice(&chunk.pixels);
     }
-    if shard.indices.is_empty() {
-        return Err(WorkerError::Protocol("the coordinator sent an empty shard".into()));
+    if data.indices.is_empty() {
+        return Err(WorkerError::Protocol(format!(
+            "the coordinator sent shard {shard} empty"
+        )));
     }
-    Ok(shard)
+    info!(shard, images = data.indices.len(), "shard received");
+    Ok(data)
 }

@@ -1,8 +1,13 @@
 //! The compute thread: a replica of both networks following the coordinator's messages in
-//! order. Each message names its step and phase; anything out of turn is an error.
+//! order. Each message names its step, attempt and phase; anything out of turn is an error.
+//!
+//! The worker holds one or more data shards. Every shard's batch is computed on its own, with
+//! noise and dropout seeded by the step and the shard, so a shard's contribution is the same
+//! whichever worker computes it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
+use forger_common::faults::crash_point;
 use forger_common::layout;
 use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
@@ -19,13 +24,13 @@ use crate::replica::{Contribution, Net, Replica, noise};
 #[derive(Debug, Clone)]
 pub struct Job {
     pub spec: JobSpec,
-    pub rank: u32,
     pub device: Device,
 }
 
-/// The worker's images, in the order they arrived.
+/// One downloaded shard's images, in the order they arrived.
 #[derive(Debug, Clone)]
 pub struct Shard {
+    pub shard: u32,
     pub image_size: u32,
     /// Dataset index of each image.
     pub indices: Vec<u32>,
@@ -33,15 +38,38 @@ pub struct Shard {
     pub pixels: Vec<u8>,
 }
 
+/// What the session side hands the compute thread.
+#[derive(Debug)]
+pub enum Command {
+    /// A message from the coordinator, in the order it arrived.
+    Message(pb::CoordinatorMessage),
+    /// The answer to an Assign: hold exactly `shards`, of which `fetched` are new downloads.
+    Shards { shards: Vec<u32>, fetched: Vec<Shard> },
+}
+
 /// The dropout streams of the two training phases differ, so their masks are independent.
 const DROPOUT_PHASE_D: u64 = 2;
 const DROPOUT_PHASE_G: u64 = 3;
 
-/// The step in progress: its batch and noise serve every phase, as in the article's loop.
-struct Current {
-    step: u64,
+/// A shard's images as one tensor, and where each dataset index sits in it.
+struct ShardStore {
+    images: Tensor,
+    positions: HashMap<u32, i64>,
+}
+
+/// One shard's part of the step in progress: its batch and noise serve every phase, as in the
+/// article's loop.
+struct ShardStep {
+    shard: u32,
     images: Tensor,
     noise: Tensor,
+}
+
+/// The attempt in progress.
+struct Current {
+    step: u64,
+    attempt: u32,
+    shards: Vec<ShardStep>,
     /// Set after the plan; the G phase waits for the new D when D trains first.
     generator_pending: bool,
 }
@@ -56,8 +84,7 @@ struct Download {
 struct Worker {
     job: Job,
     replica: Replica,
-    store: Tensor,
-    positions: HashMap<u32, i64>,
+    shards: BTreeMap<u32, ShardStore>,
     outbound: mpsc::Sender<pb::WorkerMessage>,
     current: Option<Current>,
     download: Option<Download>,
@@ -65,39 +92,37 @@ struct Worker {
     g_len: usize,
 }
 
-/// Runs until Shutdown, or until the coordinator's side of the channel closes.
+/// Runs until Shutdown, or until the session side of the channel closes.
 pub fn run(
     job: Job,
-    shard: Shard,
-    commands: std::sync::mpsc::Receiver<pb::CoordinatorMessage>,
+    commands: std::sync::mpsc::Receiver<Command>,
     outbound: mpsc::Sender<pb::WorkerMessage>,
 ) -> Result<()> {
-    let size = shard.image_size as usize;
+    let size = job.spec.data.image_size as usize;
     let replica = Replica::new(&job.spec.model, size, job.device)?;
-    let count = shard.indices.len() as i64;
-    let store = Tensor::f_from_slice(&shard.pixels)?.f_view([count, size as i64, size as i64, 3])?;
     let d_len = layout::discriminator_layout(&job.spec.model, size).numel();
     let g_len = layout::generator_layout(&job.spec.model).numel();
-    let positions = shard.indices.iter().enumerate().map(|(p, &i)| (i, p as i64)).collect();
     let mut worker = Worker {
         job,
         replica,
-        store,
-        positions,
+        shards: BTreeMap::new(),
         outbound,
         current: None,
         download: None,
         d_len,
         g_len,
     };
-    while let Ok(message) = commands.recv() {
-        match message.kind {
-            Some(In::Shutdown(s)) => {
-                info!(reason = %s.reason, "the coordinator ended the session");
-                return Ok(());
-            }
-            Some(kind) => worker.handle(kind)?,
-            None => return Err(WorkerError::Protocol("the coordinator sent an empty message".into())),
+    while let Ok(command) = commands.recv() {
+        match command {
+            Command::Shards { shards, fetched } => worker.hold(shards, fetched)?,
+            Command::Message(message) => match message.kind {
+                Some(In::Shutdown(s)) => {
+                    info!(reason = %s.reason, "the coordinator ended the session");
+                    return Ok(());
+                }
+                Some(kind) => worker.handle(kind)?,
+                None => return Err(WorkerError::Protocol("the coordinator sent an empty message".into())),
+            },
         }
     }
     Ok(())
@@ -116,8 +141,29 @@ impl Worker {
             In::Evaluate(evaluate) => self.evaluate(evaluate),
             In::Plan(plan) => self.plan(plan),
             In::Sample(request) => self.sample(request),
-            In::Shutdown(_) => Ok(()),
+            // The session side fetches the data and sends `Command::Shards` instead.
+            In::Assign(_) | In::Shutdown(_) => Ok(()),
         }
+    }
+
+    /// Keeps exactly `shards`, adding the new downloads, and tells the coordinator.
+    fn hold(&mut self, shards: Vec<u32>, fetched: Vec<Shard>) -> Result<()> {
+        self.shards.retain(|shard, _| shards.contains(shard));
+        let size = self.job.spec.data.image_size as i64;
+        for shard in fetched {
+            let count = shard.indices.len() as i64;
+            let images = Tensor::f_from_slice(&shard.pixels)?.f_view([count, size, size, 3])?;
+            let positions = shard.indices.iter().enumerate().map(|(p, &i)| (i, p as i64)).collect();
+            self.shards.insert(shard.shard, ShardStore { images, positions });
+        }
+        let held: Vec<u32> = self.shards.keys().copied().collect();
+        if held != shards {
+            return Err(WorkerError::Protocol(format!(
+                "assigned shards {shards:?} but holds {held:?}"
+            )));
+        }
+        info!(?shards, "holding shards");
+        self.send(Out::Ready(pb::Ready { shards }))
     }
 
     fn params(&mut self, chunk: pb::ParamsChunk) -> Result<()> {
@@ -171,20 +217,45 @@ impl Worker {
 
     fn evaluate(&mut self, evaluate: pb::Evaluate) -> Result<()> {
         let step = evaluate.step;
-        let positions: Vec<i64> = evaluate
-            .batch
-            .iter()
-            .map(|i| {
-                self.positions.get(i).copied().ok_or_else(|| {
-                    WorkerError::Protocol(format!("step {step} asks for image {i}, which is not in this shard"))
-                })
-            })
-            .collect::<Result<_>>()?;
-        let images = self.replica.batch(&self.store, &positions)?;
         let spec = &self.job.spec;
-        let seed = seeds::derive(spec.train.seed, Stream::Noise, &[step, u64::from(self.job.rank)]);
-        let noise = noise(seed, positions.len(), spec.model.noise_dim as usize, self.job.device)?;
-        let sums = self.replica.evaluate(&images, &noise)?;
+        let mut steps = Vec::with_capacity(evaluate.batches.len());
+        let mut losses = Vec::with_capacity(evaluate.batches.len());
+        for batch in &evaluate.batches {
+            let store = self.shards.get(&batch.shard).ok_or_else(|| {
+                WorkerError::Protocol(format!(
+                    "step {step} asks for shard {}, which this worker does not hold",
+                    batch.shard
+                ))
+            })?;
+            let positions: Vec<i64> = batch
+                .indices
+                .iter()
+                .map(|i| {
+                    store.positions.get(i).copied().ok_or_else(|| {
+                        WorkerError::Protocol(format!(
+                            "step {step} asks for image {i}, which is not in shard {}",
+                            batch.shard
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let images = self.replica.batch(&store.images, &positions)?;
+            let seed = seeds::derive(spec.train.seed, Stream::Noise, &[step, u64::from(batch.shard)]);
+            let noise = noise(seed, positions.len(), spec.model.noise_dim as usize, self.job.device)?;
+            let sums = self.replica.evaluate(&images, &noise)?;
+            losses.push(pb::ShardLosses {
+                shard: batch.shard,
+                samples: sums.samples as u32,
+                sum_d_real: sums.sum_d_real,
+                sum_d_fake: sums.sum_d_fake,
+                sum_g: sums.sum_g,
+            });
+            steps.push(ShardStep {
+                shard: batch.shard,
+                images,
+                noise,
+            });
+        }
         let params_crc32 = if evaluate.check_params {
             Some(self.replica.params_crc32()?)
         } else {
@@ -192,35 +263,42 @@ impl Worker {
         };
         self.current = Some(Current {
             step,
-            images,
-            noise,
+            attempt: evaluate.attempt,
+            shards: steps,
             generator_pending: false,
         });
         self.send(Out::Losses(pb::Losses {
             step,
-            samples: sums.samples as u32,
-            sum_d_real: sums.sum_d_real,
-            sum_d_fake: sums.sum_d_fake,
-            sum_g: sums.sum_g,
+            attempt: evaluate.attempt,
+            shards: losses,
             params_crc32,
-        }))
+        }))?;
+        crash_point("worker-after-losses", step);
+        Ok(())
     }
 
     fn plan(&mut self, plan: pb::Plan) -> Result<()> {
-        let Some(current) = self.current.as_mut().filter(|c| c.step == plan.step) else {
+        let Some(current) = self
+            .current
+            .as_mut()
+            .filter(|c| c.step == plan.step && c.attempt == plan.attempt)
+        else {
             return Err(WorkerError::Protocol(format!(
-                "a plan for step {} arrived before its Evaluate",
-                plan.step
+                "a plan for step {} attempt {} arrived before its Evaluate",
+                plan.step, plan.attempt
             )));
         };
         current.generator_pending = plan.train_g;
         if plan.train_d {
-            let seed = self.dropout_seed(plan.step, DROPOUT_PHASE_D);
             let current = self.current.as_ref().expect("checked above");
-            let contribution = self
-                .replica
-                .discriminator_gradient(&current.images, &current.noise, seed)?;
-            self.upload(plan.step, pb::Phase::Discriminator, contribution)
+            let (step, attempt) = (current.step, current.attempt);
+            let mut contributions = Vec::with_capacity(current.shards.len());
+            for part in &current.shards {
+                let seed = self.dropout_seed(step, part.shard, DROPOUT_PHASE_D);
+                let contribution = self.replica.discriminator_gradient(&part.images, &part.noise, seed)?;
+                contributions.push((part.shard, contribution));
+            }
+            self.upload(step, attempt, pb::Phase::Discriminator, contributions)
             // The G phase follows once the updated D arrives (see `params`).
         } else if plan.train_g {
             self.generator_phase()
@@ -232,48 +310,67 @@ impl Worker {
     fn generator_phase(&mut self) -> Result<()> {
         let current = self.current.as_mut().expect("a step is in progress");
         current.generator_pending = false;
-        let step = current.step;
-        let seed = self.dropout_seed(step, DROPOUT_PHASE_G);
+        let (step, attempt) = (current.step, current.attempt);
+        crash_point("worker-g-phase", step);
         let current = self.current.as_ref().expect("a step is in progress");
-        let contribution = self.replica.generator_gradient(&current.noise, seed)?;
-        self.upload(step, pb::Phase::Generator, contribution)
+        let mut contributions = Vec::with_capacity(current.shards.len());
+        for part in &current.shards {
+            let seed = self.dropout_seed(step, part.shard, DROPOUT_PHASE_G);
+            contributions.push((part.shard, self.replica.generator_gradient(&part.noise, seed)?));
+        }
+        self.upload(step, attempt, pb::Phase::Generator, contributions)
     }
 
-    fn dropout_seed(&self, step: u64, phase: u64) -> u64 {
+    fn dropout_seed(&self, step: u64, shard: u32, phase: u64) -> u64 {
         seeds::derive(
             self.job.spec.train.seed,
             Stream::Dropout,
-            &[step, u64::from(self.job.rank), phase],
+            &[step, u64::from(shard), phase],
         )
     }
 
-    fn upload(&self, step: u64, phase: pb::Phase, contribution: Contribution) -> Result<()> {
-        let Contribution {
-            gradient,
-            bn_stats,
-            samples,
-        } = contribution;
-        let chunks = gradient.len().div_ceil(CHUNK_VALUES).max(1);
-        let mut bn_stats = Some(bn_stats);
-        for c in 0..chunks {
-            let start = c * CHUNK_VALUES;
-            let end = ((c + 1) * CHUNK_VALUES).min(gradient.len());
-            let last = c + 1 == chunks;
-            let mut values = Vec::with_capacity((end - start) * 4);
-            wire::f32_to_le_bytes(&gradient[start..end], &mut values);
-            self.send(Out::Gradient(pb::GradientChunk {
-                step,
-                phase: phase as i32,
-                offset: start as u64,
-                values: values.into(),
-                last,
-                samples: if last { samples as u32 } else { 0 },
-                bn_batch_stats: if last {
-                    bn_stats.take().unwrap_or_default()
-                } else {
-                    Vec::new()
-                },
-            }))?;
+    /// Sends each shard's gradient in wire-sized chunks.
+    fn upload(&self, step: u64, attempt: u32, phase: pb::Phase, contributions: Vec<(u32, Contribution)>) -> Result<()> {
+        let total_chunks: usize = contributions
+            .iter()
+            .map(|(_, c)| c.gradient.len().div_ceil(CHUNK_VALUES).max(1))
+            .sum();
+        let mut sent = 0;
+        for (shard, contribution) in contributions {
+            let Contribution {
+                gradient,
+                bn_stats,
+                samples,
+            } = contribution;
+            let chunks = gradient.len().div_ceil(CHUNK_VALUES).max(1);
+            let mut bn_stats = Some(bn_stats);
+            for c in 0..chunks {
+                if phase == pb::Phase::Discriminator && sent == total_chunks / 2 {
+                    // Halfway through the upload (before it, with a single chunk).
+                    crash_point("worker-d-upload", step);
+                }
+                let start = c * CHUNK_VALUES;
+                let end = ((c + 1) * CHUNK_VALUES).min(gradient.len());
+                let last = c + 1 == chunks;
+                let mut values = Vec::with_capacity((end - start) * 4);
+                wire::f32_to_le_bytes(&gradient[start..end], &mut values);
+                self.send(Out::Gradient(pb::GradientChunk {
+                    step,
+                    attempt,
+                    phase: phase as i32,
+                    shard,
+                    offset: start as u64,
+                    values: values.into(),
+                    last,
+                    samples: if last { samples as u32 } else { 0 },
+                    bn_batch_stats: if last {
+                        bn_stats.take().unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
+                }))?;
+                sent += 1;
+            }
         }
         Ok(())
     }

@@ -31,6 +31,9 @@ pub enum WorkerError {
     /// The coordinator or this worker broke the protocol, or the session ended unexpectedly.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The connection to the coordinator ended unexpectedly.
+    #[error("disconnected: {0}")]
+    Disconnected(String),
     /// A gRPC call failed. Only the code and message are shown: tonic's own display repeats
     /// them with its internal details.
     #[error("the coordinator answered {:?}: {}", .0.code(), .0.message())]
@@ -45,6 +48,27 @@ pub enum WorkerError {
 
 /// The worker library's result type.
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
+
+impl WorkerError {
+    /// Whether trying again later may succeed: the coordinator is unreachable, restarting, or
+    /// has no free place right now (a lost worker's place frees once it is evicted).
+    pub fn is_transient(&self) -> bool {
+        use tonic::Code;
+        match self {
+            WorkerError::Disconnected(_) => true,
+            WorkerError::Status(status) => matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::Cancelled
+                    | Code::Unknown
+                    | Code::ResourceExhausted
+                    | Code::NotFound
+                    | Code::Aborted
+            ),
+            _ => false,
+        }
+    }
+}
 
 impl From<tonic::Status> for WorkerError {
     fn from(status: tonic::Status) -> Self {

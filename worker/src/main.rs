@@ -22,6 +22,10 @@ struct Args {
     /// libtorch intra-op threads (default: all cores).
     #[arg(long, env = "FORGER_THREADS")]
     threads: Option<usize>,
+    /// How long to keep trying to reach the coordinator, or a free place in its job, before
+    /// giving up (also after losing it mid-run), in seconds.
+    #[arg(long, env = "FORGER_PATIENCE_SECS", default_value_t = 300)]
+    patience_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +51,8 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     use std::io::IsTerminal as _;
+    // Crash tests configure fail points through FAILPOINTS; unset, this does nothing.
+    let _fail_points = forger_common::faults::setup();
     tracing_subscriber::fmt()
         // Colour only for people: log files and pipes get plain text.
         .with_ansi(std::io::stderr().is_terminal())
@@ -100,12 +106,34 @@ fn run(args: Args) -> anyhow::Result<()> {
         coordinator,
         device,
         threads,
+        patience: std::time::Duration::from_secs(args.patience_secs),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    runtime.block_on(client::run(config))?;
+    runtime.block_on(async {
+        let (leave_tx, leave) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            stop_signal().await;
+            let _ = leave_tx.send(true);
+            stop_signal().await;
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        });
+        client::run(config, leave).await
+    })?;
     Ok(())
+}
+
+/// The first SIGTERM or Ctrl-C asks the worker to leave the cluster at the end of the step;
+/// the second exits at once.
+async fn stop_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate.recv() => {},
+    }
 }
