@@ -1,8 +1,10 @@
 //! Test harness for forger's cluster tests: where the binaries and the shared faces are,
-//! job specs for small runs, a coordinator started in-process on a port-0 listener, and a
-//! fake worker that speaks the protocol with gradients the test chooses.
+//! job specs for small runs, a coordinator started in-process on a port-0 listener, a fake
+//! worker that speaks the protocol with gradients the test chooses, and real worker and
+//! coordinator processes for fault tests.
 
 pub mod fake_worker;
+pub mod processes;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,333 @@
+//! Faults with real processes on loopback: workers killed at chosen points of a step, workers
+//! joining and leaving mid-run, the coordinator killed with SIGKILL (also between writing a
+//! checkpoint and renaming it) and resumed, a damaged checkpoint.
+//!
+//! Every shard's batch, noise and dropout depend only on the step and the shard, and a step
+//! that loses a worker is undone and retried, so each disturbed run must end with exactly the
+//! parameters, optimizer state and per-step losses of an undisturbed run of the same spec.
+
+use std::path::Path;
+use std::time::Duration;
+
+use forger_common::checkpoint::{self, TrainingState};
+use forger_common::spec::JobSpec;
+use forger_tests::processes::{Process, free_local_address, latest_step, wait_for_step};
+use forger_tests::{TestCoordinator, metric_lines, shared_faces};
+use tokio::sync::OnceCell;
+
+const STEPS: u64 = 30;
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Three shards on a slice of the faces. D is large enough that its gradient travels in two
+/// chunks, so "during the upload" is a real moment; the heartbeat timeout is short so that a
+/// hung worker costs seconds.
+fn fault_spec(steps: u64) -> JobSpec {
+    let text = format!(
+        r#"
+version = 1
+[data]
+path = "{}"
+limit = 96
+[model]
+d_filters = [128, 64, 32]
+g_filters = [16, 8, 4]
+dropout = 0.5
+[train]
+steps = {steps}
+batch_size = 8
+seed = 11
+check_params_every = 1
+[cluster]
+workers = 3
+min_workers = 1
+join_timeout_secs = 120
+start_grace_secs = 2
+step_timeout_secs = 60
+heartbeat_secs = 1
+heartbeat_timeout_secs = 3
+[checkpoint]
+every = 5
+keep = 10
+samples = 4
+"#,
+        shared_faces().display()
+    );
+    JobSpec::parse(&text, "fault spec").expect("the fault spec is valid")
+}
+
+/// What an undisturbed run produced.
+#[derive(Debug)]
+struct Reference {
+    metrics: Vec<serde_json::Value>,
+    last: TrainingState,
+}
+
+/// The undisturbed run, computed once for every test in this file.
+async fn reference() -> &'static Reference {
+    static REFERENCE: OnceCell<Reference> = OnceCell::const_new();
+    REFERENCE
+        .get_or_init(|| async {
+            let run = tempfile::tempdir().unwrap();
+            let coordinator = TestCoordinator::start(fault_spec(STEPS), run.path(), false, Some(3)).await;
+            let summary = coordinator.finish(LIMIT).await.expect("the reference run succeeds");
+            assert_eq!((summary.step, summary.evictions), (STEPS, 0));
+            Reference {
+                metrics: metric_lines(run.path()),
+                last: final_state(run.path()),
+            }
+        })
+        .await
+}
+
+fn final_state(run_dir: &Path) -> TrainingState {
+    let path = run_dir.join("checkpoints").join(checkpoint::file_name(STEPS));
+    checkpoint::load(&path).expect("the final checkpoint loads").state
+}
+
+/// The run logged every step exactly once, with the reference's losses and plans, and ended
+/// with the reference's state, bit for bit.
+fn assert_same_training(run_dir: &Path, reference: &Reference) {
+    let metrics = metric_lines(run_dir);
+    let steps: Vec<u64> = metrics.iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "each step once, in order");
+    for (line, expected) in metrics.iter().zip(&reference.metrics) {
+        for key in [
+            "loss_d",
+            "loss_g",
+            "loss_d_real",
+            "loss_d_fake",
+            "train_d",
+            "train_g",
+            "images",
+        ] {
+            assert_eq!(line[key], expected[key], "step {}: {key}", line["step"]);
+        }
+    }
+    let last = final_state(run_dir);
+    let expected = &reference.last;
+    assert!(
+        last.discriminator.params == expected.discriminator.params,
+        "D parameters"
+    );
+    assert!(
+        last.discriminator.mean_square == expected.discriminator.mean_square,
+        "D RMSProp state"
+    );
+    assert!(last.generator.params == expected.generator.params, "G parameters");
+    assert!(
+        last.generator.mean_square == expected.generator.mean_square,
+        "G RMSProp state"
+    );
+    assert_eq!(last.batch_norm, expected.batch_norm, "batch-norm statistics");
+    assert_eq!(last.samplers, expected.samplers, "sampler positions");
+}
+
+/// The first step from `from` on whose plan satisfies `wanted`.
+fn step_where(reference: &Reference, from: u64, wanted: impl Fn(&serde_json::Value) -> bool) -> u64 {
+    reference
+        .metrics
+        .iter()
+        .find(|m| m["step"].as_u64().unwrap() >= from && wanted(m))
+        .expect("such a step exists in the reference run")["step"]
+        .as_u64()
+        .unwrap()
+}
+
+fn events(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == kind)
+        .collect()
+}
+
+/// Three workers, the third crashing itself at fail point `point` of `step`; the run must
+/// finish with the other two and match the reference.
+async fn kill_one_worker_at(point: &str, step: u64) {
+    let reference = reference().await;
+    let run = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let coordinator = TestCoordinator::start(fault_spec(STEPS), run.path(), false, None).await;
+    let url = coordinator.url();
+    let mut a = Process::worker("a", &url, logs.path(), None);
+    let mut b = Process::worker("b", &url, logs.path(), None);
+    let mut doomed = Process::worker("doomed", &url, logs.path(), Some(&format!("{point}=return({step})")));
+    let summary = coordinator
+        .finish(LIMIT)
+        .await
+        .expect("the run finishes without the lost worker");
+    assert!(!doomed.wait(LIMIT).success(), "the worker crashed itself");
+    assert!(
+        doomed
+            .log_text()
+            .contains(&format!("fail point {point} at step {step}"))
+    );
+    assert_eq!((summary.step, summary.evictions, summary.retries), (STEPS, 1, 1));
+    for worker in [&mut a, &mut b] {
+        assert!(worker.wait(LIMIT).success(), "{}", worker.log_text());
+    }
+    let evicted = events(run.path(), "evicted");
+    assert_eq!(evicted.len(), 1, "{evicted:?}");
+    assert_eq!(evicted[0]["step"], step);
+    let metrics = metric_lines(run.path());
+    let at = &metrics[step as usize - 1];
+    assert_eq!((at["attempts"].as_u64(), at["workers"].as_u64()), (Some(2), Some(2)));
+    assert_same_training(run.path(), reference);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_during_its_discriminator_upload_is_evicted_and_the_step_retried() {
+    let reference = reference().await;
+    let step = step_where(reference, 6, |m| m["train_d"] == true);
+    let d_len = forger_common::layout::discriminator_layout(&fault_spec(1).model, 40).numel();
+    assert!(d_len > forger_common::wire::CHUNK_VALUES, "D travels in several chunks");
+    kill_one_worker_at("worker-d-upload", step).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_waiting_for_the_plan_is_evicted_and_the_step_retried() {
+    kill_one_worker_at("worker-after-losses", 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_in_the_generator_phase_is_evicted_and_the_step_retried() {
+    let reference = reference().await;
+    let step = step_where(reference, 8, |m| m["train_g"] == true && m["train_d"] == true);
+    kill_one_worker_at("worker-g-phase", step).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_scales_from_one_worker_to_three_and_back_to_one() {
+    let reference = reference().await;
+    let run = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let coordinator = TestCoordinator::start(fault_spec(STEPS), run.path(), false, None).await;
+    let url = coordinator.url();
+    let mut first = Process::worker("first", &url, logs.path(), None);
+    wait_for_step(run.path(), 4, LIMIT).await;
+    let mut leaver = Process::worker("leaver", &url, logs.path(), None);
+    let mut killed = Process::worker("killed", &url, logs.path(), None);
+    // Both newcomers are admitted at step boundaries and hold a shard each.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while events(run.path(), "joined").len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the newcomers were not admitted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let joined_at = latest_step(run.path());
+    wait_for_step(run.path(), joined_at + 3, LIMIT).await;
+    // One leaves as a scheduler would stop it, the other dies.
+    leaver.terminate();
+    killed.kill();
+    assert!(leaver.wait(LIMIT).success(), "a worker asked to stop leaves cleanly");
+    let summary = coordinator.finish(LIMIT).await.expect("the run finishes on one worker");
+    assert!(first.wait(LIMIT).success());
+    assert_eq!((summary.step, summary.joins, summary.evictions), (STEPS, 2, 1));
+    assert_eq!(events(run.path(), "left").len(), 1);
+    let workers: Vec<u64> = metric_lines(run.path())
+        .iter()
+        .map(|m| m["workers"].as_u64().unwrap())
+        .collect();
+    assert_eq!((workers[0], workers[STEPS as usize - 1]), (1, 1));
+    assert!(workers.contains(&3), "three workers trained together: {workers:?}");
+    assert_same_training(run.path(), reference);
+}
+
+/// Writes the spec where a coordinator process can read it.
+fn spec_file(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("spec.toml");
+    std::fs::write(&path, fault_spec(STEPS).to_toml()).unwrap();
+    path
+}
+
+fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
+    checkpoint::list(&run_dir.join("checkpoints"))
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_of_the_coordinator_a_resume_continues_and_the_workers_come_back_by_themselves() {
+    let reference = reference().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let spec = spec_file(dir.path());
+    let address = free_local_address();
+    let url = format!("http://{address}");
+    let mut coordinator = Process::coordinator("coordinator-1", &spec, &run, &address, false, dir.path(), None);
+    let mut workers: Vec<Process> = (0..3)
+        .map(|i| Process::worker(&format!("worker-{i}"), &url, dir.path(), None))
+        .collect();
+    wait_for_step(&run, 12, LIMIT).await;
+    coordinator.kill();
+    let newest = *checkpoint_steps(&run).last().expect("a checkpoint was written");
+    assert!(newest >= 10);
+
+    let mut resumed = Process::coordinator("coordinator-2", &spec, &run, &address, true, dir.path(), None);
+    assert!(resumed.wait(LIMIT).success(), "{}", resumed.log_text());
+    for worker in &mut workers {
+        assert!(worker.wait(LIMIT).success(), "{}", worker.log_text());
+        assert!(
+            worker.log_text().contains("lost the coordinator"),
+            "the worker reconnected"
+        );
+    }
+    let resumes = events(&run, "resumed-from-checkpoint");
+    assert_eq!(resumes.len(), 1);
+    assert_eq!(
+        resumes[0]["step"], newest,
+        "at most the steps since the checkpoint are redone"
+    );
+    assert_same_training(&run, reference);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_a_checkpoint_s_rename_and_a_damaged_checkpoint_lose_nothing_else() {
+    let reference = reference().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let spec = spec_file(dir.path());
+    let address = free_local_address();
+    let url = format!("http://{address}");
+    let crash = Some("checkpoint-before-rename=return(15)");
+    let mut coordinator = Process::coordinator("coordinator-1", &spec, &run, &address, false, dir.path(), crash);
+    let mut workers: Vec<Process> = (0..3)
+        .map(|i| Process::worker(&format!("worker-{i}"), &url, dir.path(), None))
+        .collect();
+    assert!(
+        !coordinator.wait(LIMIT).success(),
+        "the coordinator crashed at the fail point"
+    );
+    assert_eq!(
+        checkpoint_steps(&run),
+        vec![5, 10],
+        "the step-15 checkpoint never got its name"
+    );
+    let temporary = run
+        .join("checkpoints")
+        .join(format!(".{}.tmp", checkpoint::file_name(15)));
+    assert!(temporary.is_file(), "the crash left the written temporary behind");
+    // Damage the newest checkpoint too: resume must notice and fall back to step 5.
+    let newest = run.join("checkpoints").join(checkpoint::file_name(10));
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+
+    let mut resumed = Process::coordinator("coordinator-2", &spec, &run, &address, true, dir.path(), None);
+    assert!(resumed.wait(LIMIT).success(), "{}", resumed.log_text());
+    let log = resumed.log_text();
+    assert!(
+        log.contains("skipping unreadable checkpoint") && log.contains(&checkpoint::file_name(10)),
+        "the damaged checkpoint is named in a warning:\n{log}"
+    );
+    for worker in &mut workers {
+        assert!(worker.wait(LIMIT).success(), "{}", worker.log_text());
+    }
+    assert_eq!(events(&run, "resumed-from-checkpoint")[0]["step"], 5);
+    assert!(
+        !temporary.exists(),
+        "the rewritten checkpoint replaced the stale temporary"
+    );
+    assert_same_training(&run, reference);
+}
