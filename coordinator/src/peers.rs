@@ -24,6 +24,8 @@ pub struct Peer {
     outbound: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
     /// The shards whose data the worker holds; empty until it is admitted.
     pub shards: Vec<u32>,
+    /// Shards it was told to hold and has not yet confirmed with a Ready.
+    pub assigning: Option<Vec<u32>>,
     /// Whether the worker's replica holds the master parameters of the current step.
     pub has_params: bool,
     /// The worker asked to leave; it is dismissed at the next step boundary.
@@ -272,6 +274,7 @@ impl Peers {
                     info: worker,
                     outbound,
                     shards: Vec::new(),
+                    assigning: None,
                     has_params: false,
                     leaving: false,
                     last_seen: Instant::now(),

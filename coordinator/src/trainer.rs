@@ -365,6 +365,18 @@ impl Trainer {
         msg_step < next || (msg_step == next && msg_attempt < self.attempt)
     }
 
+    /// Whether a message is a late answer to something no longer awaited: an earlier step, an
+    /// abandoned attempt, a sample request given up on, or a superseded Assign (the code that
+    /// awaits samples or a Ready matches those first).
+    fn is_leftover(&self, kind: &In) -> bool {
+        match kind {
+            In::Losses(l) => self.is_stale(l.step, l.attempt),
+            In::Gradient(g) => self.is_stale(g.step, g.attempt),
+            In::Samples(_) | In::Ready(_) => true,
+            In::Hello(_) | In::Failure(_) | In::Heartbeat(_) | In::Leave(_) => false,
+        }
+    }
+
     async fn try_step(&mut self, step: u64, started: Instant) -> Result<StepRecord> {
         let batch = self.spec.train.batch_size as usize;
         let every = self.spec.train.check_params_every;
@@ -501,14 +513,7 @@ impl Trainer {
                 .map(|i| training[i].0)
                 .collect();
             let (worker, kind) = self.peers.next(deadline, step, "evaluate", &waiting).await?;
-            if let In::Losses(l) = &kind
-                && self.is_stale(l.step, l.attempt)
-            {
-                continue;
-            }
-            if let Some(gradient) = stale_gradient(&kind)
-                && self.is_stale(gradient.0, gradient.1)
-            {
+            if self.is_leftover(&kind) {
                 continue;
             }
             let Some(index) = training.iter().position(|(w, _)| *w == worker) else {
@@ -648,17 +653,12 @@ impl Trainer {
                 break;
             }
             let (worker, kind) = self.peers.next(deadline, step, phase, &waiting).await?;
-            let In::Gradient(chunk) = kind else {
-                if let In::Losses(l) = &kind
-                    && self.is_stale(l.step, l.attempt)
-                {
-                    continue;
-                }
-                return Err(self.unexpected(worker, step, phase, &kind));
-            };
-            if self.is_stale(chunk.step, chunk.attempt) {
+            if self.is_leftover(&kind) {
                 continue;
             }
+            let In::Gradient(chunk) = kind else {
+                return Err(self.unexpected(worker, step, phase, &kind));
+            };
             if chunk.step != step || chunk.phase() != net.phase() || holder(chunk.shard) != Some(worker) {
                 return Err(self.unexpected(worker, step, phase, &In::Gradient(chunk)));
             }
@@ -837,20 +837,10 @@ impl Trainer {
                     }
                     return Ok(s.pixels);
                 }
-                In::Samples(s) if s.step < step => {}
-                In::Losses(l) if self.is_stale(l.step, l.attempt) => {}
-                In::Gradient(g) if self.is_stale(g.step, g.attempt) => {}
+                other if self.is_leftover(&other) => {}
                 other => return Err(self.unexpected(from, step, "sample", &other)),
             }
         }
-    }
-}
-
-/// The (step, attempt) of a gradient chunk, for staleness checks.
-fn stale_gradient(kind: &In) -> Option<(u64, u32)> {
-    match kind {
-        In::Gradient(g) => Some((g.step, g.attempt)),
-        _ => None,
     }
 }
 

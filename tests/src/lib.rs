@@ -5,6 +5,7 @@
 
 pub mod fake_worker;
 pub mod processes;
+pub mod reference;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

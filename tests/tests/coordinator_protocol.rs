@@ -481,8 +481,8 @@ async fn a_drifted_replica_is_evicted_and_the_step_retried_by_the_survivor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gradient_of_the_wrong_length_evicts_the_worker_and_the_run_pauses() {
-    let (_data, run, mut coordinator) = tiny_cluster(1, 3).await;
+async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_resumes_with_a_new_one() {
+    let (_data, run, coordinator) = tiny_cluster(1, 1).await;
     let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
     let replicas = receive_initial(&mut workers, 0).await;
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
@@ -496,15 +496,45 @@ async fn a_gradient_of_the_wrong_length_evicts_the_worker_and_the_run_pauses() {
         panic!("expected Shutdown")
     };
     assert!(shutdown.reason.contains("ended after"), "{}", shutdown.reason);
-    // With no worker left the run pauses rather than failing; a stop then ends it cleanly.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let paused = events(run.path()).iter().any(|e| e["event"] == "paused");
-    assert!(paused, "the pause is recorded");
-    coordinator.stop();
-    let summary = coordinator.finish(Duration::from_secs(10)).await.unwrap();
-    assert!(summary.interrupted && summary.step == 0);
-    // Nothing was completed, so nothing was checkpointed; the run directory is still usable.
+    // With no worker left the run pauses rather than failing or spinning.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !events(run.path()).iter().any(|e| e["event"] == "paused") {
+        assert!(std::time::Instant::now() < deadline, "the pause is recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing was completed, so nothing was checkpointed.
     assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
+    // A new worker resumes the run: it gets the shard and the untouched parameters, and step 1
+    // is tried again.
+    let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
+    let again = receive_initial(&mut workers, 0).await;
+    assert!(again.d == replicas.d && again.g == replicas.g);
+    assert_eq!(
+        answer_evaluate(&mut workers[0], 1, (1.4, 1.4, 1.6), replicas.crc()).await,
+        2
+    );
+    let plan = expect_plan(&mut workers, 1).await;
+    let mut bn = replicas.bn.clone();
+    if plan.0 {
+        let mut d = Reference {
+            params: replicas.d.clone(),
+            mean_square: initial_mean_square(replicas.d.len()),
+            optimizer: optimizer(1e-4),
+        };
+        phase(&mut workers, (1, 2), pb::Phase::Discriminator, &mut d, &mut bn, &[]).await;
+    }
+    if plan.1 {
+        let mut g = Reference {
+            params: replicas.g.clone(),
+            mean_square: initial_mean_square(replicas.g.len()),
+            optimizer: optimizer(2e-4),
+        };
+        phase(&mut workers, (1, 2), pb::Phase::Generator, &mut g, &mut bn, &[]).await;
+    }
+    answer_samples(&mut workers[0], 1).await;
+    let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!((summary.step, summary.evictions, summary.retries), (1, 1, 1));
+    assert!(events(run.path()).iter().any(|e| e["event"] == "resumed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

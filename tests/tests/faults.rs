@@ -9,117 +9,25 @@
 use std::path::Path;
 use std::time::Duration;
 
-use forger_common::checkpoint::{self, TrainingState};
-use forger_common::spec::JobSpec;
+use forger_common::checkpoint;
 use forger_tests::processes::{Process, free_local_address, latest_step, wait_for_step};
-use forger_tests::{TestCoordinator, metric_lines, shared_faces};
+use forger_tests::reference::{Reference, events, fault_spec};
+use forger_tests::{TestCoordinator, metric_lines};
 use tokio::sync::OnceCell;
 
 const STEPS: u64 = 30;
 const LIMIT: Duration = Duration::from_secs(300);
 
-/// Three shards on a slice of the faces. D is large enough that its gradient travels in two
-/// chunks, so "during the upload" is a real moment; the heartbeat timeout is short so that a
-/// hung worker costs seconds.
-fn fault_spec(steps: u64) -> JobSpec {
-    let text = format!(
-        r#"
-version = 1
-[data]
-path = "{}"
-limit = 96
-[model]
-d_filters = [128, 64, 32]
-g_filters = [16, 8, 4]
-dropout = 0.5
-[train]
-steps = {steps}
-batch_size = 8
-seed = 11
-check_params_every = 1
-[cluster]
-workers = 3
-min_workers = 1
-join_timeout_secs = 120
-start_grace_secs = 2
-step_timeout_secs = 60
-heartbeat_secs = 1
-heartbeat_timeout_secs = 3
-[checkpoint]
-every = 5
-keep = 10
-samples = 4
-"#,
-        shared_faces().display()
-    );
-    JobSpec::parse(&text, "fault spec").expect("the fault spec is valid")
-}
-
-/// What an undisturbed run produced.
-#[derive(Debug)]
-struct Reference {
-    metrics: Vec<serde_json::Value>,
-    last: TrainingState,
-}
-
 /// The undisturbed run, computed once for every test in this file.
 async fn reference() -> &'static Reference {
     static REFERENCE: OnceCell<Reference> = OnceCell::const_new();
     REFERENCE
-        .get_or_init(|| async {
-            let run = tempfile::tempdir().unwrap();
-            let coordinator = TestCoordinator::start(fault_spec(STEPS), run.path(), false, Some(3)).await;
-            let summary = coordinator.finish(LIMIT).await.expect("the reference run succeeds");
-            assert_eq!((summary.step, summary.evictions), (STEPS, 0));
-            Reference {
-                metrics: metric_lines(run.path()),
-                last: final_state(run.path()),
-            }
-        })
+        .get_or_init(|| Reference::compute(fault_spec(STEPS), LIMIT))
         .await
 }
 
-fn final_state(run_dir: &Path) -> TrainingState {
-    let path = run_dir.join("checkpoints").join(checkpoint::file_name(STEPS));
-    checkpoint::load(&path).expect("the final checkpoint loads").state
-}
-
-/// The run logged every step exactly once, with the reference's losses and plans, and ended
-/// with the reference's state, bit for bit.
 fn assert_same_training(run_dir: &Path, reference: &Reference) {
-    let metrics = metric_lines(run_dir);
-    let steps: Vec<u64> = metrics.iter().map(|m| m["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "each step once, in order");
-    for (line, expected) in metrics.iter().zip(&reference.metrics) {
-        for key in [
-            "loss_d",
-            "loss_g",
-            "loss_d_real",
-            "loss_d_fake",
-            "train_d",
-            "train_g",
-            "images",
-        ] {
-            assert_eq!(line[key], expected[key], "step {}: {key}", line["step"]);
-        }
-    }
-    let last = final_state(run_dir);
-    let expected = &reference.last;
-    assert!(
-        last.discriminator.params == expected.discriminator.params,
-        "D parameters"
-    );
-    assert!(
-        last.discriminator.mean_square == expected.discriminator.mean_square,
-        "D RMSProp state"
-    );
-    assert!(last.generator.params == expected.generator.params, "G parameters");
-    assert!(
-        last.generator.mean_square == expected.generator.mean_square,
-        "G RMSProp state"
-    );
-    assert_eq!(last.batch_norm, expected.batch_norm, "batch-norm statistics");
-    assert_eq!(last.samplers, expected.samplers, "sampler positions");
+    reference.assert_matched_by(run_dir);
 }
 
 /// The first step from `from` on whose plan satisfies `wanted`.
@@ -131,15 +39,6 @@ fn step_where(reference: &Reference, from: u64, wanted: impl Fn(&serde_json::Val
         .expect("such a step exists in the reference run")["step"]
         .as_u64()
         .unwrap()
-}
-
-fn events(run_dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("events.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|e| e["event"] == kind)
-        .collect()
 }
 
 /// Three workers, the third crashing itself at fail point `point` of `step`; the run must

@@ -134,14 +134,7 @@ impl Trainer {
     /// Between steps only late answers to an abandoned attempt are expected; anything else
     /// is a worker out of step, which is evicted.
     fn between_steps_message(&mut self, worker: u64, kind: In, step: u64) {
-        let stale = match &kind {
-            In::Losses(l) => self.is_stale(l.step, l.attempt),
-            In::Gradient(g) => self.is_stale(g.step, g.attempt),
-            In::Samples(s) => s.step <= step,
-            In::Ready(_) => true, // answers an Assign that was superseded
-            _ => false,
-        };
-        if !stale {
+        if !self.is_leftover(&kind) {
             let fault = self.unexpected(worker, step, "between steps", &kind);
             let _ = self.evict_for(fault);
         }
@@ -205,14 +198,25 @@ impl Trainer {
     /// lacks them and waits for every moved shard to be downloaded.
     async fn assign_and_sync(&mut self, step: u64) -> Result<Round> {
         let ids: Vec<u64> = self.peers.all().iter().map(|p| p.info.id).collect();
-        let current: Vec<Vec<u32>> = self.peers.all().iter().map(|p| p.shards.clone()).collect();
+        // A worker still owing a Ready holds what it was last told to, not what it confirmed.
+        let current: Vec<Vec<u32>> = self
+            .peers
+            .all()
+            .iter()
+            .map(|p| p.assigning.clone().unwrap_or_else(|| p.shards.clone()))
+            .collect();
         let next = rebalance(&current, self.shards());
         let deadline = Instant::now() + Duration::from_secs(self.spec.cluster.step_timeout_secs);
         let mut awaiting: Vec<(u64, Vec<u32>)> = Vec::new();
-        for ((&worker, now), shards) in ids.iter().zip(&current).zip(next) {
-            if *now == shards {
+        for (&worker, shards) in ids.iter().zip(next) {
+            let Some(peer) = self.peers.get_mut(worker) else {
+                continue;
+            };
+            let newcomer = peer.shards.is_empty() && peer.assigning.is_none();
+            if peer.shards == shards && peer.assigning.is_none() {
                 continue;
             }
+            peer.assigning = Some(shards.clone());
             self.peers.registry().assign(worker, &shards);
             let assign = pb::CoordinatorMessage {
                 kind: Some(Out::Assign(pb::Assign { shards: shards.clone() })),
@@ -221,7 +225,7 @@ impl Trainer {
                 self.evict_for(e)?;
                 return Ok(Round::Again);
             }
-            if now.is_empty() {
+            if newcomer {
                 self.summary.joins += u64::from(self.started);
                 let host = self.peers.get(worker).map(|p| p.info.host.clone()).unwrap_or_default();
                 self.history.record(
@@ -264,6 +268,7 @@ impl Trainer {
                     let (_, shards) = awaiting.remove(index);
                     if let Some(peer) = self.peers.get_mut(worker) {
                         peer.shards = shards;
+                        peer.assigning = None;
                     }
                 }
                 Ok(Event::Message(worker, kind)) => self.between_steps_message(worker, kind, step),
