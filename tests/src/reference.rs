@@ -9,43 +9,22 @@ use std::time::Duration;
 use forger_common::checkpoint::{self, TrainingState};
 use forger_common::spec::JobSpec;
 
-use crate::{TestCoordinator, metric_lines, shared_faces};
+use crate::{TestCoordinator, metric_lines, shared_faces, small_spec};
 
 /// Three shards on a slice of the faces. D is large enough that its gradient travels in two
 /// chunks, so "during the upload" is a real moment; the heartbeat timeout is short so that a
 /// hung worker costs seconds.
 pub fn fault_spec(steps: u64) -> JobSpec {
-    let text = format!(
-        r#"
-version = 1
-[data]
-path = "{}"
-limit = 96
-[model]
-d_filters = [128, 64, 32]
-g_filters = [16, 8, 4]
-dropout = 0.5
-[train]
-steps = {steps}
-batch_size = 8
-seed = 11
-check_params_every = 1
-[cluster]
-workers = 3
-min_workers = 1
-join_timeout_secs = 120
-start_grace_secs = 2
-step_timeout_secs = 60
-heartbeat_secs = 1
-heartbeat_timeout_secs = 3
-[checkpoint]
-every = 5
-keep = 10
-samples = 4
-"#,
-        shared_faces().display()
-    );
-    JobSpec::parse(&text, "fault spec").expect("the fault spec is valid")
+    let mut spec = small_spec(&shared_faces(), steps, 3);
+    spec.model.d_filters = vec![128, 64, 32];
+    spec.train.seed = 11;
+    let cluster = &mut spec.cluster;
+    cluster.min_workers = 1;
+    cluster.start_grace_secs = 2;
+    cluster.heartbeat_timeout_secs = 3;
+    spec.checkpoint.samples = 4;
+    assert!(spec.validate().is_empty(), "the fault spec is valid");
+    spec
 }
 
 /// What an undisturbed run produced.

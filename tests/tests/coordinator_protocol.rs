@@ -11,6 +11,7 @@ use forger_common::spec::JobSpec;
 use forger_common::wire;
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
 use forger_tests::fake_worker::FakeWorker;
+use forger_tests::reference::events;
 use forger_tests::{TestCoordinator, metric_lines};
 use std::time::Duration;
 
@@ -40,6 +41,15 @@ async fn tiny_cluster(workers: u32, steps: u64) -> (tempfile::TempDir, tempfile:
     tiny_dataset(data.path());
     let coordinator = TestCoordinator::start(tiny_spec(data.path(), workers, steps), run.path(), false, None).await;
     (data, run, coordinator)
+}
+
+/// `count` fake workers joined in turn.
+async fn join(coordinator: &TestCoordinator, count: usize) -> Vec<FakeWorker> {
+    let mut workers = Vec::new();
+    for _ in 0..count {
+        workers.push(FakeWorker::join(&coordinator.url()).await);
+    }
+    workers
 }
 
 /// The error a run ends with; the run must fail within 30 s.
@@ -278,25 +288,11 @@ async fn answer_samples(w: &mut FakeWorker, step: u64) {
     .await;
 }
 
-fn events(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join("events.jsonl"))
-        .expect("events.jsonl exists")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each event line is JSON"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn averages_in_shard_order_updates_exactly_and_follows_the_balance() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let spec = tiny_spec(data.path(), 3, 2);
-    let coordinator = TestCoordinator::start(spec.clone(), run.path(), false, None).await;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        workers.push(FakeWorker::join(&coordinator.url()).await);
-    }
+    let (_data, run, coordinator) = tiny_cluster(3, 2).await;
+    let mut workers = join(&coordinator, 3).await;
+    let spec = workers[0].spec.clone();
     assert_eq!(workers.iter().map(|w| w.rank).collect::<Vec<_>>(), vec![0, 1, 2]);
     let mut replicas = receive_initial(&mut workers, 0).await;
     assert_eq!(
@@ -403,10 +399,7 @@ async fn averages_in_shard_order_updates_exactly_and_follows_the_balance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drifted_replica_is_evicted_and_the_step_retried_by_the_survivor() {
     let (_data, run, coordinator) = tiny_cluster(2, 1).await;
-    let mut workers = vec![
-        FakeWorker::join(&coordinator.url()).await,
-        FakeWorker::join(&coordinator.url()).await,
-    ];
+    let mut workers = join(&coordinator, 2).await;
     let replicas = receive_initial(&mut workers, 0).await;
     // The second worker claims parameters that differ in one value.
     let mut drifted = Replicas {
@@ -468,10 +461,7 @@ async fn a_drifted_replica_is_evicted_and_the_step_retried_by_the_survivor() {
         ),
         (1, Some(2), Some(1))
     );
-    let evicted: Vec<_> = events(run.path())
-        .into_iter()
-        .filter(|e| e["event"] == "evicted")
-        .collect();
+    let evicted = events(run.path(), "evicted");
     assert_eq!(evicted.len(), 1);
     assert_eq!(evicted[0]["worker"], bad.id);
     assert!(evicted[0]["reason"].as_str().unwrap().contains("drifted"));
@@ -483,7 +473,7 @@ async fn a_drifted_replica_is_evicted_and_the_step_retried_by_the_survivor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_resumes_with_a_new_one() {
     let (_data, run, coordinator) = tiny_cluster(1, 1).await;
-    let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
+    let mut workers = join(&coordinator, 1).await;
     let replicas = receive_initial(&mut workers, 0).await;
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
     expect_plan(&mut workers, 1).await;
@@ -498,7 +488,7 @@ async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_res
     assert!(shutdown.reason.contains("ended after"), "{}", shutdown.reason);
     // With no worker left the run pauses rather than failing or spinning.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !events(run.path()).iter().any(|e| e["event"] == "paused") {
+    while events(run.path(), "paused").is_empty() {
         assert!(std::time::Instant::now() < deadline, "the pause is recorded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -506,7 +496,7 @@ async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_res
     assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
     // A new worker resumes the run: it gets the shard and the untouched parameters, and step 1
     // is tried again.
-    let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
+    let mut workers = join(&coordinator, 1).await;
     let again = receive_initial(&mut workers, 0).await;
     assert!(again.d == replicas.d && again.g == replicas.g);
     assert_eq!(
@@ -534,20 +524,14 @@ async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_res
     answer_samples(&mut workers[0], 1).await;
     let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
     assert_eq!((summary.step, summary.evictions, summary.retries), (1, 1, 1));
-    assert!(events(run.path()).iter().any(|e| e["event"] == "resumed"));
+    assert!(!events(run.path(), "resumed").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
-    let data = tempfile::tempdir().unwrap();
-    let run = tempfile::tempdir().unwrap();
-    tiny_dataset(data.path());
-    let spec = tiny_spec(data.path(), 3, 1);
-    let coordinator = TestCoordinator::start(spec.clone(), run.path(), false, None).await;
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        workers.push(FakeWorker::join(&coordinator.url()).await);
-    }
+    let (_data, run, coordinator) = tiny_cluster(3, 1).await;
+    let mut workers = join(&coordinator, 3).await;
+    let spec = workers[0].spec.clone();
     let mut replicas = receive_initial(&mut workers, 0).await;
     let mut d = Reference {
         params: replicas.d.clone(),
@@ -585,10 +569,7 @@ async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
     assert_eq!((summary.step, summary.evictions), (1, 0));
     let metrics = metric_lines(run.path());
     assert_eq!(metrics[0]["dropped"], 1);
-    let dropped: Vec<_> = events(run.path())
-        .into_iter()
-        .filter(|e| e["event"] == "dropped")
-        .collect();
+    let dropped = events(run.path(), "dropped");
     assert_eq!(dropped.len(), 1);
     assert_eq!(
         (dropped[0]["shard"].as_u64(), dropped[0]["phase"].as_str()),
@@ -602,10 +583,7 @@ async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_with_nan_losses_sits_the_step_out() {
     let (_data, run, coordinator) = tiny_cluster(2, 1).await;
-    let mut workers = vec![
-        FakeWorker::join(&coordinator.url()).await,
-        FakeWorker::join(&coordinator.url()).await,
-    ];
+    let mut workers = join(&coordinator, 2).await;
     let replicas = receive_initial(&mut workers, 0).await;
     // Shard 0 reports NaN: the plan follows shard 1 alone (D far ahead: only G trains).
     answer_evaluate(&mut workers[0], 1, (f64::NAN, 1.0, 1.0), replicas.crc()).await;
@@ -633,10 +611,7 @@ async fn a_shard_with_nan_losses_sits_the_step_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_worker_is_evicted_within_the_heartbeat_timeout() {
     let (_data, run, coordinator) = tiny_cluster(2, 1).await;
-    let mut workers = vec![
-        FakeWorker::join(&coordinator.url()).await,
-        FakeWorker::join(&coordinator.url()).await,
-    ];
+    let mut workers = join(&coordinator, 2).await;
     let replicas = receive_initial(&mut workers, 0).await;
     answer_evaluate(&mut workers[0], 1, (1.4, 1.4, 1.6), replicas.crc()).await;
     // The second worker hangs: no answer, no heartbeat; the step timeout is 30 s, the
@@ -650,10 +625,7 @@ async fn a_silent_worker_is_evicted_within_the_heartbeat_timeout() {
     receive_both(survivor, 0).await;
     assert_eq!(answer_evaluate(survivor, 1, (1.4, 1.4, 1.6), replicas.crc()).await, 2);
     drop(coordinator);
-    let evicted: Vec<_> = events(run.path())
-        .into_iter()
-        .filter(|e| e["event"] == "evicted")
-        .collect();
+    let evicted = events(run.path(), "evicted");
     assert!(
         evicted[0]["reason"].as_str().unwrap().contains("heartbeat"),
         "{evicted:?}"
@@ -694,10 +666,7 @@ async fn a_worker_beyond_the_spec_is_told_the_cluster_is_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_may_fetch_only_the_shards_assigned_to_it() {
     let (_data, _run, coordinator) = tiny_cluster(2, 1).await;
-    let mut workers = vec![
-        FakeWorker::join(&coordinator.url()).await,
-        FakeWorker::join(&coordinator.url()).await,
-    ];
+    let mut workers = join(&coordinator, 2).await;
     receive_initial(&mut workers, 0).await;
     let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
         .await
@@ -776,7 +745,7 @@ async fn a_worker_that_leaves_before_the_start_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_finite_losses_everywhere_for_ten_steps_stop_the_run_as_diverged() {
     let (_data, run, coordinator) = tiny_cluster(1, 20).await;
-    let mut workers = vec![FakeWorker::join(&coordinator.url()).await];
+    let mut workers = join(&coordinator, 1).await;
     let replicas = receive_initial(&mut workers, 0).await;
     for step in 1..=10 {
         evaluate(&mut workers, step, (f64::NAN, 1.0, 1.0), &replicas).await;

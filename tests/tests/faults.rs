@@ -6,7 +6,7 @@
 //! that loses a worker is undone and retried, so each disturbed run must end with exactly the
 //! parameters, optimizer state and per-step losses of an undisturbed run of the same spec.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use forger_common::checkpoint;
@@ -132,11 +132,35 @@ async fn the_cluster_scales_from_one_worker_to_three_and_back_to_one() {
     assert_same_training(run.path(), reference);
 }
 
-/// Writes the spec where a coordinator process can read it.
-fn spec_file(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("spec.toml");
-    std::fs::write(&path, fault_spec(STEPS).to_toml()).unwrap();
-    path
+/// A coordinator process (with `fail_points`, if any) on a fixed loopback address, so that a
+/// restarted one is found by the same workers, and three worker processes.
+struct Cluster {
+    spec: PathBuf,
+    run: PathBuf,
+    address: String,
+    coordinator: Process,
+    workers: Vec<Process>,
+}
+
+impl Cluster {
+    fn start(dir: &Path, fail_points: Option<&str>) -> Cluster {
+        let spec = dir.join("spec.toml");
+        std::fs::write(&spec, fault_spec(STEPS).to_toml()).unwrap();
+        let run = dir.join("run");
+        let address = free_local_address();
+        let url = format!("http://{address}");
+        let coordinator = Process::coordinator("coordinator-1", &spec, &run, &address, false, dir, fail_points);
+        let workers = (0..3)
+            .map(|i| Process::worker(&format!("worker-{i}"), &url, dir, None))
+            .collect();
+        Cluster {
+            spec,
+            run,
+            address,
+            coordinator,
+            workers,
+        }
+    }
 }
 
 fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
@@ -151,14 +175,13 @@ fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
 async fn after_kill_9_of_the_coordinator_a_resume_continues_and_the_workers_come_back_by_themselves() {
     let reference = reference().await;
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let spec = spec_file(dir.path());
-    let address = free_local_address();
-    let url = format!("http://{address}");
-    let mut coordinator = Process::coordinator("coordinator-1", &spec, &run, &address, false, dir.path(), None);
-    let mut workers: Vec<Process> = (0..3)
-        .map(|i| Process::worker(&format!("worker-{i}"), &url, dir.path(), None))
-        .collect();
+    let Cluster {
+        spec,
+        run,
+        address,
+        mut coordinator,
+        mut workers,
+    } = Cluster::start(dir.path(), None);
     wait_for_step(&run, 12, LIMIT).await;
     coordinator.kill();
     let newest = *checkpoint_steps(&run).last().expect("a checkpoint was written");
@@ -186,15 +209,13 @@ async fn after_kill_9_of_the_coordinator_a_resume_continues_and_the_workers_come
 async fn a_crash_before_a_checkpoint_s_rename_and_a_damaged_checkpoint_lose_nothing_else() {
     let reference = reference().await;
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let spec = spec_file(dir.path());
-    let address = free_local_address();
-    let url = format!("http://{address}");
-    let crash = Some("checkpoint-before-rename=return(15)");
-    let mut coordinator = Process::coordinator("coordinator-1", &spec, &run, &address, false, dir.path(), crash);
-    let mut workers: Vec<Process> = (0..3)
-        .map(|i| Process::worker(&format!("worker-{i}"), &url, dir.path(), None))
-        .collect();
+    let Cluster {
+        spec,
+        run,
+        address,
+        mut coordinator,
+        mut workers,
+    } = Cluster::start(dir.path(), Some("checkpoint-before-rename=return(15)"));
     assert!(
         !coordinator.wait(LIMIT).success(),
         "the coordinator crashed at the fail point"

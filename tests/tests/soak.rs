@@ -93,6 +93,14 @@ async fn soak_with_workers_killed_and_replaced_every_few_seconds() {
          | {} | {kills} | {freezes} | {} | {heartbeat_evictions} | {} | {} | {retried} | {soak_secs:.0} | {reference_secs:.0} | every step once; final state bit-identical to the undisturbed run |\n",
         summary.step, summary.evictions, summary.joins, summary.retries,
     );
+    // Why each eviction happened, by the first words of its reason.
+    let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+    for event in events(run.path(), "evicted") {
+        let reason = event["reason"].as_str().unwrap_or_default();
+        let key: String = reason.split(':').next().unwrap_or_default().chars().take(60).collect();
+        *reasons.entry(key).or_default() += 1;
+    }
+    let report = format!("{report}\nEvictions by reason: {reasons:?}\n");
     println!("{report}");
     if let Ok(path) = std::env::var("FORGER_SOAK_REPORT") {
         std::fs::write(path, &report).expect("write the soak report");
