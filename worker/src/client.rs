@@ -77,18 +77,12 @@ pub async fn run(config: WorkerConfig, leave: watch::Receiver<bool>) -> Result<(
 
 /// One membership of the job: Join, Session, and the steps until it ends.
 async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Result<Ended> {
-    let channel = connect(&config.coordinator, config.patience).await?;
-    let mut client = CoordinatorClient::new(channel);
-    let host = format!("{}/{}", host_name(), std::process::id());
-    let reply = client
-        .join(pb::JoinRequest {
-            protocol_version: PROTOCOL_VERSION,
-            host,
-            device: device::describe(config.device),
-            threads: config.threads as u32,
-        })
-        .await?
-        .into_inner();
+    // Until the session is open there is nothing to leave cleanly: a stop request ends the
+    // wait for the coordinator at once.
+    let (mut client, reply) = tokio::select! {
+        joined = join(config) => joined?,
+        _ = leave.wait_for(|l| *l) => return Ok(Ended::Finished),
+    };
     let spec = JobSpec::parse(&reply.spec_toml, "the coordinator's job spec")?;
     let image_size = spec.data.image_size as usize;
     let fingerprint = layout::fingerprint(&spec.model, image_size);
@@ -219,6 +213,23 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
     .await;
     compute_result?;
     Ok(stream_ended)
+}
+
+/// Reaches the coordinator and joins its job.
+async fn join(config: &WorkerConfig) -> Result<(CoordinatorClient<Channel>, pb::JoinReply)> {
+    let channel = connect(&config.coordinator, config.patience).await?;
+    let mut client = CoordinatorClient::new(channel);
+    let host = format!("{}/{}", host_name(), std::process::id());
+    let reply = client
+        .join(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            host,
+            device: device::describe(config.device),
+            threads: config.threads as u32,
+        })
+        .await?
+        .into_inner();
+    Ok((client, reply))
 }
 
 /// The machine's name for logs, read where Linux keeps it.
