@@ -192,7 +192,7 @@ fn default_start_grace_secs() -> u64 {
     10
 }
 fn default_step_timeout_secs() -> u64 {
-    300
+    60
 }
 fn default_heartbeat_secs() -> u64 {
     1

@@ -49,6 +49,15 @@ struct Inner {
 /// place goes to the next worker that joins (a shard download takes well under this).
 const RECLAIM_AFTER: Duration = Duration::from_secs(60);
 
+/// Why a session was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    /// The id holds no place: never joined, or released after it was evicted or went silent.
+    NoPlace,
+    /// The id already has an open session.
+    AlreadyConnected,
+}
+
 /// Shared between the service and the trainer.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -117,12 +126,20 @@ impl Registry {
             .map(|e| e.info.clone())
     }
 
-    /// Marks the worker's Session open; `None` if it no longer holds a place.
-    pub fn connect(&self, id: u64) -> Option<WorkerInfo> {
+    /// Marks the worker's Session open. A worker has one session: a second Hello with the
+    /// same id (a confused or hostile client) is refused, never allowed to stand in for it.
+    pub fn connect(&self, id: u64) -> Result<WorkerInfo, Connect> {
         let mut inner = self.lock();
-        let entry = inner.workers.iter_mut().find(|e| e.info.id == id)?;
+        let entry = inner
+            .workers
+            .iter_mut()
+            .find(|e| e.info.id == id)
+            .ok_or(Connect::NoPlace)?;
+        if entry.connected {
+            return Err(Connect::AlreadyConnected);
+        }
         entry.connected = true;
-        Some(entry.info.clone())
+        Ok(entry.info.clone())
     }
 
     /// Records the shards a worker may download from now on.

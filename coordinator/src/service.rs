@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
-use crate::registry::{Registry, WorkerInfo};
+use crate::registry::{Connect, Registry, WorkerInfo};
 
 /// Bytes of pixels per FetchShard chunk (whole images, at least one), well under gRPC's
 /// 4 MiB message limit.
@@ -118,12 +118,19 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         else {
             return Err(Status::invalid_argument("a Session must open with Hello"));
         };
-        let worker = self.registry.connect(hello.worker_id).ok_or_else(|| {
-            Status::not_found(format!(
-                "worker {} holds no place in the job (never joined, or replaced after it went silent)",
-                hello.worker_id
-            ))
-        })?;
+        let worker = self
+            .registry
+            .connect(hello.worker_id)
+            .map_err(|refusal| match refusal {
+                Connect::NoPlace => Status::not_found(format!(
+                    "worker {} holds no place in the job (never joined, or evicted)",
+                    hello.worker_id
+                )),
+                Connect::AlreadyConnected => Status::already_exists(format!(
+                    "worker {} already has a session; each worker opens one",
+                    hello.worker_id
+                )),
+            })?;
         let id = worker.id;
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
         self.events

@@ -273,6 +273,29 @@ async fn phase(
     }
 }
 
+/// After the losses of step 1: follows the plan, checking each broadcast against the reference
+/// update from the initial parameters.
+async fn train_first_step(workers: &mut [FakeWorker], attempt: u32, replicas: &Replicas) {
+    let (train_d, train_g) = expect_plan(workers, 1).await;
+    let mut bn = replicas.bn.clone();
+    if train_d {
+        let mut d = Reference {
+            params: replicas.d.clone(),
+            mean_square: initial_mean_square(replicas.d.len()),
+            optimizer: optimizer(1e-4),
+        };
+        phase(workers, (1, attempt), pb::Phase::Discriminator, &mut d, &mut bn, &[]).await;
+    }
+    if train_g {
+        let mut g = Reference {
+            params: replicas.g.clone(),
+            mean_square: initial_mean_square(replicas.g.len()),
+            optimizer: optimizer(2e-4),
+        };
+        phase(workers, (1, attempt), pb::Phase::Generator, &mut g, &mut bn, &[]).await;
+    }
+}
+
 /// Answers the sample request the last step's checkpoint makes.
 async fn answer_samples(w: &mut FakeWorker, step: u64) {
     let In::Sample(request) = w.recv().await else {
@@ -503,24 +526,7 @@ async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_res
         answer_evaluate(&mut workers[0], 1, (1.4, 1.4, 1.6), replicas.crc()).await,
         2
     );
-    let plan = expect_plan(&mut workers, 1).await;
-    let mut bn = replicas.bn.clone();
-    if plan.0 {
-        let mut d = Reference {
-            params: replicas.d.clone(),
-            mean_square: initial_mean_square(replicas.d.len()),
-            optimizer: optimizer(1e-4),
-        };
-        phase(&mut workers, (1, 2), pb::Phase::Discriminator, &mut d, &mut bn, &[]).await;
-    }
-    if plan.1 {
-        let mut g = Reference {
-            params: replicas.g.clone(),
-            mean_square: initial_mean_square(replicas.g.len()),
-            optimizer: optimizer(2e-4),
-        };
-        phase(&mut workers, (1, 2), pb::Phase::Generator, &mut g, &mut bn, &[]).await;
-    }
+    train_first_step(&mut workers, 2, &replicas).await;
     answer_samples(&mut workers[0], 1).await;
     let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
     assert_eq!((summary.step, summary.evictions, summary.retries), (1, 1, 1));
@@ -762,4 +768,31 @@ async fn non_finite_losses_everywhere_for_ten_steps_stop_the_run_as_diverged() {
     let metrics = metric_lines(run.path());
     assert_eq!(metrics.len(), 9);
     assert!(metrics.iter().all(|m| m["skipped"] == true && m["loss_d"].is_null()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_session_claiming_a_worker_s_id_is_refused_and_the_worker_trains_on() {
+    let (_data, run, coordinator) = tiny_cluster(1, 1).await;
+    let mut workers = join(&coordinator, 1).await;
+    let replicas = receive_initial(&mut workers, 0).await;
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
+        .await
+        .unwrap();
+    let hello = pb::WorkerMessage {
+        kind: Some(Out::Hello(pb::Hello {
+            worker_id: workers[0].id,
+        })),
+    };
+    let status = client
+        .session(futures::stream::iter(vec![hello]))
+        .await
+        .expect_err("an id has one session");
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{}", status.message());
+    // The real worker is untouched: it finishes the run.
+    evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
+    train_first_step(&mut workers, 1, &replicas).await;
+    answer_samples(&mut workers[0], 1).await;
+    let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!((summary.step, summary.evictions), (1, 0));
+    assert!(events(run.path(), "evicted").is_empty());
 }

@@ -42,6 +42,8 @@ enum Ended {
     Finished,
     /// Evicted (late or out of step); joining again is welcome.
     Rejoin(String),
+    /// The compute thread stopped first; its result says why.
+    ComputeStopped,
 }
 
 /// After a stop request, how long the worker waits to be dismissed at the end of the step.
@@ -56,7 +58,7 @@ pub async fn run(config: WorkerConfig, leave: watch::Receiver<bool>) -> Result<(
             return Ok(());
         }
         match session(&config, leave.clone()).await {
-            Ok(Ended::Finished) => return Ok(()),
+            Ok(Ended::Finished | Ended::ComputeStopped) => return Ok(()),
             Ok(Ended::Rejoin(reason)) => {
                 warn!(%reason, "evicted by the coordinator; joining again");
                 lost_since = None;
@@ -176,7 +178,7 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
                 };
                 if cmd_tx.send(command).is_err() {
                     // The compute thread ended; its own result says why.
-                    break Ok(Ended::Finished);
+                    break Ok(Ended::ComputeStopped);
                 }
             }
             Ok(None) => {
@@ -194,7 +196,21 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
         .map_err(|e| WorkerError::Protocol(format!("compute thread: {e}")))?
         .map_err(|_| WorkerError::Protocol("the compute thread panicked".into()))?;
     let stream_ended = stream_result?;
-    if let Err(e) = &compute_result {
+    let compute_result = match (compute_result, stream_ended) {
+        // The session went away under a computation (an eviction while this process was
+        // frozen, say): what the stream said decides; with nothing said, it is a lost
+        // connection, and the worker joins again.
+        (Err(WorkerError::SessionClosed), Ended::ComputeStopped) => Err(WorkerError::Disconnected(
+            "the session closed while a result was being sent".into(),
+        )),
+        (Err(WorkerError::SessionClosed), ended) => Ok(ended),
+        (Err(e), _) => Err(e),
+        (Ok(()), Ended::ComputeStopped) => Ok(Ended::Finished),
+        (Ok(()), ended) => Ok(ended),
+    };
+    if let Err(e) = &compute_result
+        && !e.is_transient()
+    {
         // Tell the coordinator why before leaving, so its log names the cause.
         let _ = out_tx
             .send(send(pb::worker_message::Kind::Failure(pb::Failure {
@@ -211,8 +227,7 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
         while let Ok(Some(_)) = inbound.message().await {}
     })
     .await;
-    compute_result?;
-    Ok(stream_ended)
+    compute_result
 }
 
 /// Reaches the coordinator and joins its job.

@@ -132,7 +132,7 @@ impl Worker {
     fn send(&self, kind: Out) -> Result<()> {
         self.outbound
             .blocking_send(pb::WorkerMessage { kind: Some(kind) })
-            .map_err(|_| WorkerError::Protocol("the session to the coordinator closed".into()))
+            .map_err(|_| WorkerError::SessionClosed)
     }
 
     fn handle(&mut self, kind: In) -> Result<()> {

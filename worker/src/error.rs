@@ -31,6 +31,9 @@ pub enum WorkerError {
     /// The coordinator or this worker broke the protocol, or the session ended unexpectedly.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The session closed while the compute thread was sending a result.
+    #[error("the session to the coordinator closed")]
+    SessionClosed,
     /// The connection to the coordinator ended unexpectedly.
     #[error("disconnected: {0}")]
     Disconnected(String),
@@ -55,7 +58,7 @@ impl WorkerError {
     pub fn is_transient(&self) -> bool {
         use tonic::Code;
         match self {
-            WorkerError::Disconnected(_) => true,
+            WorkerError::Disconnected(_) | WorkerError::SessionClosed => true,
             WorkerError::Status(status) => matches!(
                 status.code(),
                 Code::Unavailable
