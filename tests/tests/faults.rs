@@ -251,3 +251,54 @@ async fn a_crash_before_a_checkpoint_s_rename_and_a_damaged_checkpoint_lose_noth
     );
     assert_same_training(&run, reference);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_is_evicted_by_its_silence_and_rejoins_when_thawed() {
+    let reference = reference().await;
+    let run = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let coordinator = TestCoordinator::start(fault_spec(STEPS), run.path(), false, None).await;
+    let url = coordinator.url();
+    let mut workers: Vec<Process> = (0..3)
+        .map(|i| Process::worker(&format!("worker-{i}"), &url, logs.path(), None))
+        .collect();
+    wait_for_step(run.path(), 6, LIMIT).await;
+    let signal = |name: &str, pid: u32| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let frozen_at = std::time::Instant::now();
+    signal("-STOP", workers[2].pid());
+    let deadline = frozen_at + LIMIT;
+    while events(run.path(), "evicted").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frozen worker was never evicted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let detected = frozen_at.elapsed();
+    // Heartbeat timeout 3 s: found within seconds, though the step timeout is a minute.
+    assert!(detected < Duration::from_secs(10), "evicted after {detected:?}");
+    signal("-CONT", workers[2].pid());
+    let summary = coordinator.finish(LIMIT).await.expect("the run finishes");
+    for worker in &mut workers {
+        assert!(worker.wait(LIMIT).success(), "{}", worker.log_text());
+    }
+    assert!(
+        workers[2].log_text().contains("joining again"),
+        "{}",
+        workers[2].log_text()
+    );
+    assert_eq!((summary.step, summary.evictions), (STEPS, 1));
+    assert!(
+        events(run.path(), "evicted")[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("heartbeat")
+    );
+    assert_same_training(run.path(), reference);
+}
