@@ -310,6 +310,43 @@ impl JobSpec {
         toml::to_string(self).expect("a JobSpec always serialises")
     }
 
+    /// The settings that differ from `earlier`, as `field: old -> new`, in field order.
+    pub fn changes_since(&self, earlier: &JobSpec) -> Vec<String> {
+        fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
+            match value {
+                toml::Value::Table(table) => {
+                    for (key, value) in table {
+                        let name = if prefix.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        flatten(&name, value, out);
+                    }
+                }
+                other => out.push((prefix.to_string(), other.to_string())),
+            }
+        }
+        let flat = |spec: &JobSpec| {
+            let mut out = Vec::new();
+            flatten(
+                "",
+                &toml::Value::try_from(spec).expect("a JobSpec always serialises"),
+                &mut out,
+            );
+            out
+        };
+        let before: std::collections::BTreeMap<String, String> = flat(earlier).into_iter().collect();
+        flat(self)
+            .into_iter()
+            .filter_map(|(field, now)| match before.get(&field) {
+                Some(was) if *was == now => None,
+                Some(was) => Some(format!("{field}: {was} -> {now}")),
+                None => Some(format!("{field}: (unset) -> {now}")),
+            })
+            .collect()
+    }
+
     /// Every problem with the values, each naming its field.
     pub fn validate(&self) -> Vec<SpecProblem> {
         let mut problems = Vec::new();
@@ -470,6 +507,24 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "version = 1\n[data]\npath = \"faces\"\n";
+
+    #[test]
+    fn changes_since_names_each_changed_field_with_both_values() {
+        let before = JobSpec::parse(MINIMAL, "test").unwrap();
+        let mut after = before.clone();
+        after.train.seed = 4;
+        after.train.steps = 100;
+        after.model.dropout = 0.0;
+        assert_eq!(
+            after.changes_since(&before),
+            vec![
+                "model.dropout: 0.6 -> 0.0",
+                "train.seed: 0 -> 4",
+                "train.steps: 60000 -> 100"
+            ]
+        );
+        assert!(before.changes_since(&before).is_empty());
+    }
 
     #[test]
     fn minimal_spec_takes_the_article_defaults() {

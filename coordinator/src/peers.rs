@@ -62,6 +62,9 @@ pub struct Peers {
     heartbeat_timeout: Duration,
     stop: watch::Receiver<bool>,
     stopping: bool,
+    /// Workers removed here before they trained (left, failed or fell silent), for the
+    /// trainer to record: `(worker, host, reason)`.
+    departures: Vec<(u64, String, String)>,
 }
 
 /// After a stop request, how long a step in flight may take before it is abandoned (and
@@ -82,6 +85,20 @@ impl Peers {
             heartbeat_timeout,
             stop,
             stopping: false,
+            departures: Vec::new(),
+        }
+    }
+
+    /// Workers removed before they trained since the last call.
+    pub fn take_departures(&mut self) -> Vec<(u64, String, String)> {
+        std::mem::take(&mut self.departures)
+    }
+
+    /// Removes a worker that was not training yet, noting why.
+    fn depart(&mut self, worker: u64, reason: String, rejoin: bool) {
+        let host = self.get(worker).map(|p| p.info.host.clone()).unwrap_or_default();
+        if self.evict(worker, &reason, rejoin) {
+            self.departures.push((worker, host, reason));
         }
     }
 
@@ -289,7 +306,7 @@ impl Peers {
                     return Err(self.fault(worker, step, phase, format!("lost: {reason}")));
                 }
                 info!(worker, %reason, "a worker not yet training left");
-                self.evict(worker, &reason, false);
+                self.depart(worker, format!("lost before training: {reason}"), false);
                 Ok(Some(Event::Membership))
             }
             Inbound::Message {
@@ -317,7 +334,7 @@ impl Peers {
                             return Err(fault);
                         }
                         warn!(%fault, "a worker not yet training failed");
-                        self.evict(worker, "it reported a failure", false);
+                        self.depart(worker, format!("failed before training: {}", failure.message), false);
                         Ok(Some(Event::Membership))
                     }
                     Some(kind) => Ok(Some(Event::Message(worker, kind))),
@@ -356,7 +373,7 @@ impl Peers {
             return Err(fault);
         }
         warn!(%fault, "evicted a silent worker that was not yet training");
-        self.evict(worker, "no heartbeat in time", true);
+        self.depart(worker, "no heartbeat in time, before training".into(), true);
         Ok(Some(Event::Membership))
     }
 }

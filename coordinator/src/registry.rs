@@ -46,8 +46,8 @@ struct Inner {
 }
 
 /// A worker that joined but opened no Session within this time is presumed dead, and its
-/// place goes to the next worker that joins (a shard download takes well under this).
-const RECLAIM_AFTER: Duration = Duration::from_secs(60);
+/// place goes to the next worker that joins (a worker opens its session right after Join).
+const RECLAIM_AFTER: Duration = Duration::from_secs(10);
 
 /// Why a session was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,7 +75,7 @@ pub async fn serve(
     // Everything that can refuse the job is checked before anything is written.
     let run = RunDir::create(&run_dir)?;
     let _lock = run.lock()?;
-    let state = initial_state(&spec, &run, resume)?;
+    let (state, changed) = initial_state(&spec, &run, resume)?;
     if state.step >= spec.train.steps {
         warn!(
             checkpoint_step = state.step,
@@ -111,6 +111,9 @@ pub async fn serve(
         },
         serde_json::json!({ "shards": workers }),
     );
+    if !changed.is_empty() {
+        history.record(state.step, "spec-changed", serde_json::json!({ "changes": changed }));
+    }
     let image_size = spec.data.image_size as usize;
     let registry = Registry::new(Job {
         spec_toml: spec.to_toml(),
@@ -202,8 +205,9 @@ pub async fn serve(
     result
 }
 
-/// A fresh state, or the newest checkpoint's when resuming.
-fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<TrainingState> {
+/// A fresh state, or the newest checkpoint's when resuming, with the settings that changed
+/// since that checkpoint's spec (beyond `train.steps`, which is how a run is extended).
+fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<(TrainingState, Vec<String>)> {
     let checkpoint::Newest { found: newest, skipped } = checkpoint::load_newest(&run.checkpoints())?;
     if !resume {
         if newest.is_some() || !skipped.is_empty() {
@@ -213,7 +217,7 @@ fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<TrainingS
                     .into(),
             });
         }
-        return Ok(fresh_state(spec));
+        return Ok((fresh_state(spec), Vec::new()));
     }
     let Some((path, checkpoint)) = newest else {
         return Err(CoordinatorError::RunDir {
@@ -243,7 +247,17 @@ fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<TrainingS
         .into());
     }
     info!(step = checkpoint.state.step, path = %path.display(), "resuming");
-    Ok(checkpoint.state)
+    let changed: Vec<String> = spec
+        .changes_since(&checkpoint.spec)
+        .into_iter()
+        .filter(|change| !change.starts_with("train.steps:"))
+        .collect();
+    for change in &changed {
+        // Allowed (lowering a learning rate late in a run is common practice), but the run is
+        // then no longer the one the earlier steps belong to: say so, and record it.
+        warn!(%change, "the spec differs from the checkpoint's; the run continues with the new value");
+    }
+    Ok((checkpoint.state, changed))
 }
 
 fn fresh_state(spec: &JobSpec) -> TrainingState {

@@ -35,6 +35,7 @@ impl Trainer {
         let mut paused_at: Option<Instant> = None;
         loop {
             self.drain(step).await?;
+            self.record_departures(step);
             self.dismiss_leavers(step);
             let connected = self.peers.all().len();
             if !self.started {
@@ -155,6 +156,18 @@ impl Trainer {
                 Ok(())
             }
             other => Err(other),
+        }
+    }
+
+    /// Writes down the workers the sessions layer removed before they trained.
+    fn record_departures(&mut self, step: u64) {
+        for (worker, host, reason) in self.peers.take_departures() {
+            self.summary.evictions += 1;
+            self.history.record(
+                step,
+                "evicted",
+                serde_json::json!({ "worker": worker, "host": host, "phase": "before training", "reason": reason }),
+            );
         }
     }
 
