@@ -194,6 +194,17 @@ struct Reference {
     optimizer: RmsProp,
 }
 
+impl Reference {
+    /// Fresh optimizer state at `params`, as the coordinator starts a run.
+    fn starting_at(params: &[f32], lr: f64) -> Reference {
+        Reference {
+            params: params.to_vec(),
+            mean_square: initial_mean_square(params.len()),
+            optimizer: optimizer(lr),
+        }
+    }
+}
+
 fn optimizer(lr: f64) -> RmsProp {
     RmsProp {
         lr: lr as f32,
@@ -279,19 +290,11 @@ async fn train_first_step(workers: &mut [FakeWorker], attempt: u32, replicas: &R
     let (train_d, train_g) = expect_plan(workers, 1).await;
     let mut bn = replicas.bn.clone();
     if train_d {
-        let mut d = Reference {
-            params: replicas.d.clone(),
-            mean_square: initial_mean_square(replicas.d.len()),
-            optimizer: optimizer(1e-4),
-        };
+        let mut d = Reference::starting_at(&replicas.d, 1e-4);
         phase(workers, (1, attempt), pb::Phase::Discriminator, &mut d, &mut bn, &[]).await;
     }
     if train_g {
-        let mut g = Reference {
-            params: replicas.g.clone(),
-            mean_square: initial_mean_square(replicas.g.len()),
-            optimizer: optimizer(2e-4),
-        };
+        let mut g = Reference::starting_at(&replicas.g, 2e-4);
         phase(workers, (1, attempt), pb::Phase::Generator, &mut g, &mut bn, &[]).await;
     }
 }
@@ -332,16 +335,8 @@ async fn averages_in_shard_order_updates_exactly_and_follows_the_balance() {
     images.sort();
     assert_eq!(images, (0..12).collect::<Vec<_>>(), "the shards partition the dataset");
 
-    let mut d = Reference {
-        params: replicas.d.clone(),
-        mean_square: initial_mean_square(replicas.d.len()),
-        optimizer: optimizer(spec.train.lr_d),
-    };
-    let mut g = Reference {
-        params: replicas.g.clone(),
-        mean_square: initial_mean_square(replicas.g.len()),
-        optimizer: optimizer(spec.train.lr_g),
-    };
+    let mut d = Reference::starting_at(&replicas.d, spec.train.lr_d);
+    let mut g = Reference::starting_at(&replicas.g, spec.train.lr_g);
 
     // Step 1: loss_d = 0.7, loss_g = 0.8: both train.
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
@@ -458,16 +453,8 @@ async fn a_drifted_replica_is_evicted_and_the_step_retried_by_the_survivor() {
         }))
         .await;
     assert_eq!(answer_evaluate(survivor, 1, (1.4, 1.4, 1.6), replicas.crc()).await, 2);
-    let mut d = Reference {
-        params: replicas.d.clone(),
-        mean_square: initial_mean_square(replicas.d.len()),
-        optimizer: optimizer(1e-4),
-    };
-    let mut g = Reference {
-        params: replicas.g.clone(),
-        mean_square: initial_mean_square(replicas.g.len()),
-        optimizer: optimizer(2e-4),
-    };
+    let mut d = Reference::starting_at(&replicas.d, 1e-4);
+    let mut g = Reference::starting_at(&replicas.g, 2e-4);
     let mut bn = replicas.bn.clone();
     assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
     phase(&mut workers, (1, 2), pb::Phase::Discriminator, &mut d, &mut bn, &[]).await;
@@ -539,16 +526,8 @@ async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
     let mut workers = join(&coordinator, 3).await;
     let spec = workers[0].spec.clone();
     let mut replicas = receive_initial(&mut workers, 0).await;
-    let mut d = Reference {
-        params: replicas.d.clone(),
-        mean_square: initial_mean_square(replicas.d.len()),
-        optimizer: optimizer(spec.train.lr_d),
-    };
-    let mut g = Reference {
-        params: replicas.g.clone(),
-        mean_square: initial_mean_square(replicas.g.len()),
-        optimizer: optimizer(spec.train.lr_g),
-    };
+    let mut d = Reference::starting_at(&replicas.d, spec.train.lr_d);
+    let mut g = Reference::starting_at(&replicas.g, spec.train.lr_g);
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
     assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
     // Shard 1's D gradient holds a NaN: the update is the mean of shards 0 and 2 only.
@@ -595,11 +574,7 @@ async fn a_shard_with_nan_losses_sits_the_step_out() {
     answer_evaluate(&mut workers[0], 1, (f64::NAN, 1.0, 1.0), replicas.crc()).await;
     answer_evaluate(&mut workers[1], 1, (0.2, 0.2, 2.0), replicas.crc()).await;
     assert_eq!(expect_plan(&mut workers, 1).await, (false, true));
-    let mut g = Reference {
-        params: replicas.g.clone(),
-        mean_square: initial_mean_square(replicas.g.len()),
-        optimizer: optimizer(2e-4),
-    };
+    let mut g = Reference::starting_at(&replicas.g, 2e-4);
     // Both upload; shard 0's finite-looking gradient is still left out, as its losses were not
     // finite. The reference drops it the same way.
     let mut bn = replicas.bn.clone();
