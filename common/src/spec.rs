@@ -118,6 +118,11 @@ pub struct ClusterSpec {
     /// How long one phase may take per shard a worker holds before it is evicted.
     #[serde(default = "default_step_timeout_secs")]
     pub step_timeout_secs: u64,
+    /// A phase lasting more than this many times the slowest phase of the run so far (per
+    /// shard, and at least 10 s) means a stuck worker, evicted well before the step timeout.
+    /// 0 leaves only `step_timeout_secs`.
+    #[serde(default = "default_stall_factor")]
+    pub stall_factor: f64,
     /// How often every worker tells the coordinator it is alive, in seconds.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_secs: u64,
@@ -194,6 +199,9 @@ fn default_start_grace_secs() -> u64 {
 fn default_step_timeout_secs() -> u64 {
     60
 }
+fn default_stall_factor() -> f64 {
+    10.0
+}
 fn default_heartbeat_secs() -> u64 {
     1
 }
@@ -246,6 +254,7 @@ impl Default for ClusterSpec {
             join_timeout_secs: default_join_timeout_secs(),
             start_grace_secs: default_start_grace_secs(),
             step_timeout_secs: default_step_timeout_secs(),
+            stall_factor: default_stall_factor(),
             heartbeat_secs: default_heartbeat_secs(),
             heartbeat_timeout_secs: default_heartbeat_timeout_secs(),
         }
@@ -441,6 +450,14 @@ impl JobSpec {
             format!(
                 "expected 0 to {MAX_TIMEOUT_SECS} seconds, found {}",
                 cluster.start_grace_secs
+            ),
+        );
+        check(
+            cluster.stall_factor.is_finite() && (cluster.stall_factor == 0.0 || cluster.stall_factor >= 2.0),
+            "cluster.stall_factor",
+            format!(
+                "expected 0 (off) or a factor of at least 2, found {}",
+                cluster.stall_factor
             ),
         );
         check(

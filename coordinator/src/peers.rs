@@ -30,6 +30,9 @@ pub struct Peer {
     pub has_params: bool,
     /// The worker asked to leave; it is dismissed at the next step boundary.
     pub leaving: bool,
+    /// Steps it has completed; its first is slow (a device's kernels load on first use), so
+    /// the stall deadline waits until every worker has one behind it.
+    pub steps_done: u64,
     last_seen: Instant,
 }
 
@@ -275,7 +278,10 @@ impl Peers {
                         worker,
                         step,
                         phase,
-                        format!("no answer in time (cluster.step_timeout_secs; workers still owed: {waiting_on:?})"),
+                        format!(
+                            "no answer before the phase deadline (cluster.step_timeout_secs per shard, or sooner \
+                             cluster.stall_factor times the slowest phase so far; workers still owed: {waiting_on:?})"
+                        ),
                     ));
                 }
             }
@@ -294,6 +300,7 @@ impl Peers {
                     assigning: None,
                     has_params: false,
                     leaving: false,
+                    steps_done: 0,
                     last_seen: Instant::now(),
                 });
                 self.peers.sort_by_key(|p| p.info.rank);

@@ -55,6 +55,10 @@ pub struct RunSummary {
 /// A run of this many fully non-finite steps means the model diverged.
 const DIVERGED_AFTER: u32 = 10;
 
+/// The shortest stall deadline per shard, so that fast phases (milliseconds) do not make a
+/// scheduling hiccup look like a stuck worker.
+const STALL_FLOOR: Duration = Duration::from_secs(10);
+
 /// One network's optimizer, the uploads towards it, and a copy of its state from before this
 /// step's update (buffers allocated once and reused every step).
 #[derive(Debug)]
@@ -132,6 +136,8 @@ pub struct Trainer {
     started: bool,
     /// Steps in a row on which no shard gave finite losses.
     skipped_in_a_row: u32,
+    /// The longest a phase has taken in this run, per shard of the busiest worker.
+    slowest_per_shard: Option<Duration>,
     summary: RunSummary,
 }
 
@@ -186,6 +192,7 @@ impl Trainer {
             attempt: 1,
             started: false,
             skipped_in_a_row: 0,
+            slowest_per_shard: None,
         }
     }
 
@@ -348,10 +355,36 @@ impl Trainer {
         result
     }
 
-    /// The deadline of one phase: a worker holding several shards computes each in turn.
+    /// The most shards any training worker holds (it computes them one after another).
+    fn most_shards(&self) -> u32 {
+        self.peers.training().map(|p| p.shards.len()).max().unwrap_or(1).max(1) as u32
+    }
+
+    /// The deadline of a phase starting now: `step_timeout_secs` per shard, or sooner once
+    /// the run has shown how long a phase takes: `stall_factor` times the slowest phase so far
+    /// (per shard, at least `STALL_FLOOR`). A live worker whose computation is stuck still sends
+    /// heartbeats; this is what catches it.
     fn phase_deadline(&self) -> Instant {
-        let most = self.peers.training().map(|p| p.shards.len()).max().unwrap_or(1).max(1);
-        Instant::now() + Duration::from_secs(self.spec.cluster.step_timeout_secs) * most as u32
+        let most = self.most_shards();
+        let fixed = Duration::from_secs(self.spec.cluster.step_timeout_secs) * most;
+        let factor = self.spec.cluster.stall_factor;
+        let warm = self.peers.training().all(|p| p.steps_done > 0);
+        let stalled = match self.slowest_per_shard {
+            Some(slowest) if factor > 0.0 && warm => slowest.mul_f64(factor).max(STALL_FLOOR) * most,
+            _ => fixed,
+        };
+        Instant::now() + fixed.min(stalled)
+    }
+
+    /// Remembers how long a phase took, per shard of the busiest worker, once every worker has
+    /// a step behind it.
+    fn observe_phase(&mut self, started: Instant) {
+        // A worker's first step (kernels loading, memory growing) says nothing of the others.
+        if !self.peers.training().all(|p| p.steps_done > 0) {
+            return;
+        }
+        let per_shard = started.elapsed() / self.most_shards();
+        self.slowest_per_shard = Some(self.slowest_per_shard.map_or(per_shard, |s| s.max(per_shard)));
     }
 
     /// The workers in training and the shard each holds, in rank order.
@@ -493,6 +526,9 @@ impl Trainer {
     }
 
     fn finish_step(&mut self, step: u64) {
+        for peer in self.peers.all_mut().iter_mut().filter(|p| p.trains()) {
+            peer.steps_done += 1;
+        }
         self.state.step = step;
         for (slot, sampler) in self.state.samplers.iter_mut().zip(&self.samplers) {
             *slot = sampler.state();
@@ -506,6 +542,7 @@ impl Trainer {
         training: &[(u64, Vec<u32>)],
     ) -> Result<Evaluation> {
         let deadline = self.phase_deadline();
+        let started = Instant::now();
         let mut got: Vec<Option<pb::Losses>> = vec![None; training.len()];
         while got.iter().any(Option::is_none) {
             let waiting: Vec<u64> = (0..got.len())
@@ -539,6 +576,7 @@ impl Trainer {
                 other => return Err(self.unexpected(worker, step, "evaluate", &other)),
             }
         }
+        self.observe_phase(started);
         let losses: Vec<pb::Losses> = got.into_iter().map(Option::unwrap).collect();
         if check_params {
             let expected = self.params_crc32();
@@ -634,6 +672,7 @@ impl Trainer {
     async fn update(&mut self, net: Net, step: u64, training: &[(u64, Vec<u32>)], included: &[u32]) -> Result<u32> {
         let phase = net.phase_name();
         let deadline = self.phase_deadline();
+        let started = Instant::now();
         let holder = |shard: u32| {
             training
                 .iter()
@@ -685,6 +724,7 @@ impl Trainer {
                 upload.bn_stats = chunk.bn_batch_stats;
             }
         }
+        self.observe_phase(started);
         let slot = self.slot(net);
         let (finite, non_finite): (Vec<u32>, Vec<u32>) =
             included.iter().partition(|&&s| slot.uploads[s as usize].is_finite());

@@ -771,3 +771,65 @@ async fn a_second_session_claiming_a_worker_s_id_is_refused_and_the_worker_train
     assert_eq!((summary.step, summary.evictions), (1, 0));
     assert!(events(run.path(), "evicted").is_empty());
 }
+
+/// One step answered with zero gradients, following whatever the plan says; the replicas
+/// follow the broadcasts so that the next checksum matches.
+async fn loose_step(workers: &mut [FakeWorker], step: u64, replicas: &mut Replicas) {
+    evaluate(workers, step, (1.4, 1.4, 1.6), replicas).await;
+    let (train_d, train_g) = expect_plan(workers, step).await;
+    for (trains, phase) in [(train_d, pb::Phase::Discriminator), (train_g, pb::Phase::Generator)] {
+        if !trains {
+            continue;
+        }
+        for w in workers.iter() {
+            let len = if phase == pb::Phase::Discriminator {
+                w.d_len()
+            } else {
+                w.g_len()
+            };
+            for &shard in w.shards.keys() {
+                w.upload((step, 1), phase, shard, &vec![0.0; len], 2, vec![1.0; w.bn_len()])
+                    .await;
+            }
+        }
+        for w in workers.iter_mut() {
+            let (net, _, values, bn) = w.recv_params().await;
+            if net == pb::Network::Discriminator {
+                replicas.d = values;
+            } else {
+                replicas.g = values;
+            }
+            replicas.bn = bn;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_heartbeats_but_never_answers_is_evicted_long_before_the_step_timeout() {
+    let (_data, run, coordinator) = tiny_cluster(2, 5).await;
+    let mut workers = join(&coordinator, 2).await;
+    let mut replicas = receive_initial(&mut workers, 0).await;
+    // The first step is each worker's warm-up and sets no pace; the second does.
+    loose_step(&mut workers, 1, &mut replicas).await;
+    loose_step(&mut workers, 2, &mut replicas).await;
+    // Step 3: the second worker's computation is stuck; its heartbeats keep coming.
+    let In::Evaluate(_) = workers[1].recv().await else {
+        panic!("expected Evaluate")
+    };
+    answer_evaluate(&mut workers[0], 3, (1.4, 1.4, 1.6), replicas.crc()).await;
+    let stuck_at = std::time::Instant::now();
+    assert_eq!(workers[0].take_assignment().await, vec![0, 1]);
+    let waited = stuck_at.elapsed();
+    // The phases so far took milliseconds, so the stall deadline is its 10 s floor; the step
+    // timeout of this spec is 30 s.
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "evicted after {waited:?}"
+    );
+    let evicted = events(run.path(), "evicted");
+    assert!(
+        evicted[0]["reason"].as_str().unwrap().contains("phase deadline"),
+        "{evicted:?}"
+    );
+    drop(coordinator);
+}
