@@ -26,6 +26,9 @@ pub enum Error {
     /// A checkpoint belongs to a model of another shape.
     #[error("checkpoint {path} does not fit this job: {message}")]
     CheckpointMismatch { path: PathBuf, message: String },
+    /// The image folder cannot be read.
+    #[error("dataset {path}: {message}")]
+    Dataset { path: PathBuf, message: String },
     /// An image could not be encoded.
     #[error("failed to encode {path}: {cause}")]
     Image { path: PathBuf, cause: image::ImageError },

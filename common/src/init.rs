@@ -1,7 +1,11 @@
-//! Fresh parameters, as TF1 initialises them: Glorot-uniform kernels and zero biases.
+//! Fresh parameters, as TF1 initialises them: Glorot-uniform kernels and zero biases, and the
+//! whole training state of step 0.
 
-use crate::layout::{Init, NetLayout};
-use crate::seeds;
+use crate::checkpoint::{NetState, TrainingState};
+use crate::layout::{self, Init, NetLayout};
+use crate::rmsprop::initial_mean_square;
+use crate::seeds::{self, Stream};
+use crate::spec::JobSpec;
 
 /// A flat buffer for `layout` drawn from `seed`.
 pub fn initial_parameters(layout: &NetLayout, seed: u64) -> Vec<f32> {
@@ -16,6 +20,28 @@ pub fn initial_parameters(layout: &NetLayout, seed: u64) -> Vec<f32> {
         }
     }
     values
+}
+
+/// The state of step 0: Glorot-initialised networks from the job seed, TF1's initial RMSProp
+/// mean squares, batch-norm running statistics at their start.
+pub fn fresh_state(spec: &JobSpec) -> TrainingState {
+    let seed = spec.train.seed;
+    let d_layout = layout::discriminator_layout(&spec.model, spec.data.image_size as usize);
+    let g_layout = layout::generator_layout(&spec.model);
+    TrainingState {
+        step: 0,
+        discriminator: NetState {
+            params: initial_parameters(&d_layout, seeds::derive(seed, Stream::InitDiscriminator, &[])),
+            mean_square: initial_mean_square(d_layout.numel()),
+        },
+        generator: NetState {
+            params: initial_parameters(&g_layout, seeds::derive(seed, Stream::InitGenerator, &[])),
+            mean_square: initial_mean_square(g_layout.numel()),
+        },
+        batch_norm: layout::initial_batch_norm_running(&spec.model),
+        samplers: Vec::new(),
+        dataset_len: 0,
+    }
 }
 
 #[cfg(test)]

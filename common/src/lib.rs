@@ -8,15 +8,19 @@
 //! - [`balance`]: the article's loss-balancing rule.
 //! - [`sampler`]: sharding the dataset and drawing each step's batches.
 //! - [`seeds`]: the per-step seeds for noise and dropout.
+//! - [`dataset`]: the image folder decoded, cropped and resized into training bytes.
 //! - [`checkpoint`]: the training state and its atomic, checksummed safetensors file.
+//! - [`average`]: the sample-weighted mean of per-shard buffers, in shard order.
 //! - [`atomic`]: crash-safe file replacement.
 //! - [`faults`]: fail points that let tests crash a process at a chosen moment.
 //! - [`grid`]: sample images tiled into one PNG.
 //! - [`wire`]: f32 buffers to and from little-endian bytes.
 
 pub mod atomic;
+pub mod average;
 pub mod balance;
 pub mod checkpoint;
+pub mod dataset;
 mod error;
 pub mod faults;
 pub mod grid;

@@ -3,7 +3,6 @@
 //! the workers' gradients, decides the loss balancing and writes the run directory.
 //!
 //! - [`serve`]: the entry point; takes a bound listener and a shutdown future.
-//! - `dataset`: the image folder into training bytes.
 //! - `registry`, `service`: Join, FetchShard and Session over gRPC.
 //! - `peers`: the trainer's handle on the worker sessions, with heartbeats and eviction.
 //! - `assignment`: which worker holds which data shards.
@@ -11,7 +10,7 @@
 //! - `run_dir`: checkpoints, samples, metrics; `local`: `--local-workers`.
 
 mod assignment;
-pub mod dataset;
+pub use forger_common::dataset;
 mod error;
 pub mod local;
 mod peers;

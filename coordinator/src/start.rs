@@ -6,12 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forger_common::checkpoint::{self, NetState, TrainingState};
-use forger_common::init::initial_parameters;
+use forger_common::checkpoint::{self, TrainingState};
 use forger_common::layout;
-use forger_common::rmsprop::initial_mean_square;
 use forger_common::sampler::{BatchSampler, SamplerState, assign_shards};
-use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
 use forger_proto::pb::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
@@ -217,7 +214,7 @@ fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<(Training
                     .into(),
             });
         }
-        return Ok((fresh_state(spec), Vec::new()));
+        return Ok((forger_common::init::fresh_state(spec), Vec::new()));
     }
     let Some((path, checkpoint)) = newest else {
         return Err(CoordinatorError::RunDir {
@@ -258,26 +255,6 @@ fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<(Training
         warn!(%change, "the spec differs from the checkpoint's; the run continues with the new value");
     }
     Ok((checkpoint.state, changed))
-}
-
-fn fresh_state(spec: &JobSpec) -> TrainingState {
-    let seed = spec.train.seed;
-    let d_layout = layout::discriminator_layout(&spec.model, spec.data.image_size as usize);
-    let g_layout = layout::generator_layout(&spec.model);
-    TrainingState {
-        step: 0,
-        discriminator: NetState {
-            params: initial_parameters(&d_layout, seeds::derive(seed, Stream::InitDiscriminator, &[])),
-            mean_square: initial_mean_square(d_layout.numel()),
-        },
-        generator: NetState {
-            params: initial_parameters(&g_layout, seeds::derive(seed, Stream::InitGenerator, &[])),
-            mean_square: initial_mean_square(g_layout.numel()),
-        },
-        batch_norm: layout::initial_batch_norm_running(&spec.model),
-        samplers: Vec::new(),
-        dataset_len: 0,
-    }
 }
 
 fn load_dataset(spec: &JobSpec) -> Result<PreparedDataset> {

@@ -32,8 +32,9 @@ use tracing::{info, warn};
 
 use crate::error::{CoordinatorError, Result};
 use crate::peers::Peers;
-use crate::reduce::{Upload, weighted_average};
+use crate::reduce::Upload;
 use crate::run_dir::{EventLog, MetricsLog, RunDir, StepRecord};
+use forger_common::average::weighted_average;
 
 mod membership;
 

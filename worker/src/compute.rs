@@ -48,8 +48,8 @@ pub enum Command {
 }
 
 /// The dropout streams of the two training phases differ, so their masks are independent.
-const DROPOUT_PHASE_D: u64 = 2;
-const DROPOUT_PHASE_G: u64 = 3;
+pub(crate) const DROPOUT_PHASE_D: u64 = 2;
+pub(crate) const DROPOUT_PHASE_G: u64 = 3;
 
 /// A shard's images as one tensor, and where each dataset index sits in it.
 struct ShardStore {

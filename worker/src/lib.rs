@@ -10,6 +10,7 @@
 //! - [`generate`]: faces from a checkpoint.
 //! - [`error`]: the crate's error type.
 
+pub mod bench;
 pub mod client;
 pub mod compute;
 pub mod device;

@@ -47,6 +47,26 @@ enum Command {
         #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
         device: String,
     },
+    /// Train a spec in this one process, with no coordinator, and print its speed as JSON:
+    /// the baseline the cluster is measured against (scripts/bench.sh).
+    Bench {
+        /// The job spec; `cluster.workers` is the number of shards, each a batch per step.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Overrides the spec's data.path.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Write the final state here as a checkpoint.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
+        device: String,
+        /// libtorch intra-op threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +110,42 @@ fn run(args: Args) -> anyhow::Result<()> {
         generate::generate(&checkpoint, count, seed, device, &out)
             .with_context(|| format!("failed to generate from {}", checkpoint.display()))?;
         eprintln!("wrote {count} images to {}", out.display());
+        return Ok(());
+    }
+    if let Some(Command::Bench {
+        spec,
+        data,
+        steps,
+        out,
+        device,
+        threads,
+    }) = args.command
+    {
+        anyhow::ensure!(steps >= 1, "--steps must be at least 1");
+        let mut spec = forger_common::spec::JobSpec::load(&spec)?;
+        if let Some(data) = data {
+            spec.data.path = data;
+        }
+        let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        tch::set_num_threads(threads as i32);
+        tch::set_num_interop_threads(1);
+        let device = device::resolve(&device)?;
+        let report = forger_worker::bench::run(&spec, steps, device, out.as_deref())?;
+        let total: f64 = report.step_seconds.iter().sum();
+        // The first step pays for allocations and kernel loading; the rate leaves it out.
+        let settled: f64 = report.step_seconds.iter().skip(1).sum();
+        let per_step_images = report.images as f64 / steps as f64;
+        let line = serde_json::json!({
+            "steps": steps,
+            "threads": threads,
+            "device": device::describe(device),
+            "images": report.images,
+            "seconds": total,
+            "first_step_seconds": report.step_seconds[0],
+            "mean_step_seconds": if steps > 1 { settled / (steps - 1) as f64 } else { total },
+            "images_per_second": if steps > 1 { per_step_images * (steps - 1) as f64 / settled } else { per_step_images / total },
+        });
+        println!("{line}");
         return Ok(());
     }
     let coordinator = args

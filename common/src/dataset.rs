@@ -1,14 +1,15 @@
-//! Reading the image folder into the prepared dataset the workers train on.
+//! Reading the image folder into the prepared dataset the workers train on (the coordinator's,
+//! and the single-process benchmark loop's).
 //!
 //! Each file is decoded, centre-cropped to a square, resized to the job's image size and kept
 //! as interleaved RGB bytes. Files that do not decode are skipped and counted with their
-//! reason; the coordinator reports them in one summary line.
+//! reason; the caller reports them.
 
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
 
-use crate::error::{CoordinatorError, Result};
+use crate::{Error, Result};
 
 /// File endings read as images (compared case-insensitively).
 const IMAGE_ENDINGS: &[&str] = &["jpg", "jpeg", "png", "bmp", "gif", "webp"];
@@ -50,14 +51,14 @@ type Listing = (Vec<PathBuf>, Vec<(PathBuf, String)>);
 
 /// Lists the folder's image files sorted by name, keeping the first `limit` (0: all).
 fn list_images(dir: &Path, limit: usize) -> Result<Listing> {
-    let entries = std::fs::read_dir(dir).map_err(|e| CoordinatorError::Dataset {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::Dataset {
         path: dir.to_path_buf(),
         message: format!("cannot read the folder: {e}"),
     })?;
     let mut files = Vec::new();
     let mut passed_over = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| CoordinatorError::Dataset {
+        let entry = entry.map_err(|e| Error::Dataset {
             path: dir.to_path_buf(),
             message: format!("cannot list the folder: {e}"),
         })?;
