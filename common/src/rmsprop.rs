@@ -27,6 +27,16 @@ pub fn initial_mean_square(len: usize) -> Vec<f32> {
 }
 
 impl RmsProp {
+    /// The optimizer of the job's spec for a network trained at learning rate `lr`.
+    pub fn for_spec(train: &crate::spec::TrainSpec, lr: f64) -> RmsProp {
+        RmsProp {
+            lr: lr as f32,
+            decay: train.rmsprop_decay as f32,
+            epsilon: train.rmsprop_epsilon as f32,
+            l2: train.l2 as f32,
+        }
+    }
+
     /// Applies one update to `params` in place from the cluster-averaged `grads`.
     pub fn apply(&self, params: &mut [f32], mean_square: &mut [f32], grads: &[f32]) {
         assert_eq!(params.len(), grads.len(), "gradient length differs from parameters");

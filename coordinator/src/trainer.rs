@@ -163,15 +163,9 @@ impl Trainer {
         peers: Peers,
     ) -> Self {
         let t = &spec.train;
-        let optimizer = |lr: f64| RmsProp {
-            lr: lr as f32,
-            decay: t.rmsprop_decay as f32,
-            epsilon: t.rmsprop_epsilon as f32,
-            l2: t.l2 as f32,
-        };
         let shards = samplers.len();
-        let d = NetSlot::new(optimizer(t.lr_d), state.discriminator.params.len(), shards);
-        let g = NetSlot::new(optimizer(t.lr_g), state.generator.params.len(), shards);
+        let d = NetSlot::new(RmsProp::for_spec(t, t.lr_d), state.discriminator.params.len(), shards);
+        let g = NetSlot::new(RmsProp::for_spec(t, t.lr_g), state.generator.params.len(), shards);
         let bn_len = layout::batch_norm_stats_len(&spec.model);
         let last_checkpoint = state.step;
         Trainer {

@@ -77,13 +77,7 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
     replica.set_params(Net::Generator, &state.generator.params)?;
     replica.set_batch_norm_running(&state.batch_norm)?;
     let t = &spec.train;
-    let optimizer = |lr: f64| RmsProp {
-        lr: lr as f32,
-        decay: t.rmsprop_decay as f32,
-        epsilon: t.rmsprop_epsilon as f32,
-        l2: t.l2 as f32,
-    };
-    let (d_optimizer, g_optimizer) = (optimizer(t.lr_d), optimizer(t.lr_g));
+    let (d_optimizer, g_optimizer) = (RmsProp::for_spec(t, t.lr_d), RmsProp::for_spec(t, t.lr_g));
     let mut average_d = vec![0f32; state.discriminator.params.len()];
     let mut average_g = vec![0f32; state.generator.params.len()];
     let mut report = BenchReport {
