@@ -1,6 +1,10 @@
 //! The all-reduce's arithmetic, shared by the coordinator and the single-process benchmark
 //! loop so that both average in exactly the same order.
 
+use crate::checkpoint::NetState;
+use crate::layout::BATCH_NORM_DECAY;
+use crate::rmsprop::{RmsProp, update_moving_average};
+
 /// The sample-weighted mean of the contributions, summed in the order given (shard order), so
 /// the result is the same bits on every run. `out` is overwritten.
 pub fn weighted_average(contributions: &[(&[f32], u32)], out: &mut [f32]) {
@@ -14,6 +18,25 @@ pub fn weighted_average(contributions: &[(&[f32], u32)], out: &mut [f32]) {
             *acc += weight * v;
         }
     }
+}
+
+/// One network's update from its shards' contributions, done the same way by the coordinator
+/// and the single-process loop: the shard-order mean of the gradients, RMSProp, then the
+/// batch-norm running averages from the shards' batch statistics. `average` is scratch space
+/// as long as the parameters.
+pub fn update_network(
+    gradients: &[(&[f32], u32)],
+    bn_stats: &[(&[f32], u32)],
+    optimizer: &RmsProp,
+    master: &mut NetState,
+    average: &mut [f32],
+    batch_norm: &mut [f32],
+) {
+    weighted_average(gradients, average);
+    optimizer.apply(&mut master.params, &mut master.mean_square, average);
+    let mut mean_stats = vec![0.0; batch_norm.len()];
+    weighted_average(bn_stats, &mut mean_stats);
+    update_moving_average(batch_norm, &mean_stats, BATCH_NORM_DECAY);
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use bytes::Bytes;
 use forger_common::balance::{StepPlan, decide_balance};
 use forger_common::checkpoint::{self, NetState, TrainingState};
 use forger_common::grid;
-use forger_common::layout::{self, BATCH_NORM_DECAY};
-use forger_common::rmsprop::{RmsProp, update_moving_average};
+use forger_common::layout;
+use forger_common::rmsprop::RmsProp;
 use forger_common::sampler::BatchSampler;
 use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
@@ -34,7 +34,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::peers::Peers;
 use crate::reduce::Upload;
 use crate::run_dir::{EventLog, MetricsLog, RunDir, StepRecord};
-use forger_common::average::weighted_average;
+use forger_common::average::update_network;
 
 mod membership;
 
@@ -765,16 +765,18 @@ impl Trainer {
             slot.undo.mean_square.copy_from_slice(&master.mean_square);
             slot.updated = true;
             let uploads: Vec<&Upload> = shards.iter().map(|&s| &slot.uploads[s as usize]).collect();
-            let contributions: Vec<(&[f32], u32)> = uploads.iter().map(|u| (u.values(), u.samples)).collect();
-            weighted_average(&contributions, &mut slot.average);
-            slot.optimizer
-                .apply(&mut master.params, &mut master.mean_square, &slot.average);
+            let gradients: Vec<(&[f32], u32)> = uploads.iter().map(|u| (u.values(), u.samples)).collect();
             // Every phase ran the generator in training mode, as each TF1 update op did, so
             // each updates the running statistics with the cluster's batch statistics.
             let stats: Vec<(&[f32], u32)> = uploads.iter().map(|u| (u.bn_stats.as_slice(), u.samples)).collect();
-            let mut mean_stats = vec![0.0; batch_norm.len()];
-            weighted_average(&stats, &mut mean_stats);
-            update_moving_average(batch_norm, &mean_stats, BATCH_NORM_DECAY);
+            update_network(
+                &gradients,
+                &stats,
+                &slot.optimizer,
+                master,
+                &mut slot.average,
+                batch_norm,
+            );
         });
     }
 

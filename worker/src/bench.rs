@@ -3,25 +3,22 @@
 //! a cluster run of the same spec, so at the same thread count it ends with the same bits (a
 //! test checks this). It measures what the cluster costs over a plain loop.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use forger_common::average::weighted_average;
+use forger_common::average::update_network;
 use forger_common::balance::decide_balance;
 use forger_common::checkpoint;
 use forger_common::dataset;
 use forger_common::init::fresh_state;
-use forger_common::layout::BATCH_NORM_DECAY;
-use forger_common::rmsprop::{RmsProp, update_moving_average};
+use forger_common::rmsprop::RmsProp;
 use forger_common::sampler::{BatchSampler, SamplerState, assign_shards};
-use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
-use tch::{Device, Tensor};
+use tch::Device;
 
-use crate::compute::{DROPOUT_PHASE_D, DROPOUT_PHASE_G};
 use crate::error::{Result, WorkerError};
 use crate::replica::{Contribution, Net, Replica, noise};
+use crate::shard::{DROPOUT_PHASE_D, DROPOUT_PHASE_G, ShardStore, dropout_seed, noise_seed};
 
 /// What a benchmark run measured.
 #[derive(Debug, Clone)]
@@ -31,12 +28,6 @@ pub struct BenchReport {
     pub images: u64,
     /// Wall-clock seconds of each step.
     pub step_seconds: Vec<f64>,
-}
-
-/// One shard's images as a tensor, and where each dataset index sits in it.
-struct ShardStore {
-    images: Tensor,
-    positions: HashMap<u32, i64>,
 }
 
 /// Trains `steps` steps of `spec` on `device`; with `out`, writes the final state as a
@@ -54,16 +45,13 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
             prepared.len()
         )));
     }
-    let side = i64::from(size);
     let mut stores = Vec::with_capacity(shard_count);
-    for shard in &shards {
+    for (index, shard) in shards.iter().enumerate() {
         let mut pixels = Vec::with_capacity(shard.len() * prepared.image_bytes());
         for &i in shard {
             pixels.extend_from_slice(prepared.image(i as usize));
         }
-        let images = Tensor::f_from_slice(&pixels)?.f_view([shard.len() as i64, side, side, 3])?;
-        let positions = shard.iter().enumerate().map(|(p, &i)| (i, p as i64)).collect();
-        stores.push(ShardStore { images, positions });
+        stores.push(ShardStore::new(index as u32, shard, &pixels, size)?);
     }
     let mut samplers: Vec<BatchSampler> = shards
         .iter()
@@ -90,15 +78,16 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
         // Evaluate every shard on the current parameters, summing in shard order.
         let mut parts = Vec::with_capacity(shard_count);
         let (mut real, mut fake, mut gen_loss, mut samples) = (0.0, 0.0, 0.0, 0.0);
-        for (shard, store) in stores.iter().enumerate() {
-            let positions: Vec<i64> = samplers[shard]
-                .next_batch(batch)
-                .iter()
-                .map(|i| store.positions[i])
-                .collect();
+        for (store, sampler) in stores.iter().zip(&mut samplers) {
+            let shard = store.shard;
+            let positions = store.positions(&sampler.next_batch(batch), step)?;
             let images = replica.batch(&store.images, &positions)?;
-            let noise_seed = seeds::derive(seed, Stream::Noise, &[step, shard as u64]);
-            let noise = noise(noise_seed, positions.len(), spec.model.noise_dim as usize, device)?;
+            let noise = noise(
+                noise_seed(seed, step, shard),
+                positions.len(),
+                spec.model.noise_dim as usize,
+                device,
+            )?;
             let sums = replica.evaluate(&images, &noise)?;
             if !(sums.sum_d_real.is_finite() && sums.sum_d_fake.is_finite() && sums.sum_g.is_finite()) {
                 return Err(WorkerError::Protocol(format!(
@@ -109,19 +98,21 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
             fake += sums.sum_d_fake;
             gen_loss += sums.sum_g;
             samples += sums.samples as f64;
-            parts.push((shard as u64, images, noise));
+            parts.push((shard, images, noise));
         }
         let loss_d = 0.5 * (real / samples + fake / samples);
         let plan = decide_balance(loss_d, gen_loss / samples, t.balance);
         if plan.train_d {
             let mut contributions = Vec::with_capacity(parts.len());
             for (shard, images, noise) in &parts {
-                let dropout = seeds::derive(seed, Stream::Dropout, &[step, *shard, DROPOUT_PHASE_D]);
+                let dropout = dropout_seed(seed, step, *shard, DROPOUT_PHASE_D);
                 contributions.push(replica.discriminator_gradient(images, noise, dropout)?);
             }
+            let (gradients, stats) = split(&contributions);
             let master = &mut state.discriminator;
-            apply(
-                &contributions,
+            update_network(
+                &gradients,
+                &stats,
                 &d_optimizer,
                 master,
                 &mut average_d,
@@ -133,12 +124,14 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
         if plan.train_g {
             let mut contributions = Vec::with_capacity(parts.len());
             for (shard, _, noise) in &parts {
-                let dropout = seeds::derive(seed, Stream::Dropout, &[step, *shard, DROPOUT_PHASE_G]);
+                let dropout = dropout_seed(seed, step, *shard, DROPOUT_PHASE_G);
                 contributions.push(replica.generator_gradient(noise, dropout)?);
             }
+            let (gradients, stats) = split(&contributions);
             let master = &mut state.generator;
-            apply(
-                &contributions,
+            update_network(
+                &gradients,
+                &stats,
                 &g_optimizer,
                 master,
                 &mut average_g,
@@ -159,25 +152,10 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
     Ok(report)
 }
 
-/// The coordinator's update: the shard-order mean, RMSProp, and the batch-norm running averages.
-fn apply(
-    contributions: &[Contribution],
-    optimizer: &RmsProp,
-    master: &mut checkpoint::NetState,
-    average: &mut [f32],
-    batch_norm: &mut [f32],
-) {
-    let gradients: Vec<(&[f32], u32)> = contributions
-        .iter()
-        .map(|c| (c.gradient.as_slice(), c.samples as u32))
-        .collect();
-    weighted_average(&gradients, average);
-    optimizer.apply(&mut master.params, &mut master.mean_square, average);
-    let stats: Vec<(&[f32], u32)> = contributions
-        .iter()
-        .map(|c| (c.bn_stats.as_slice(), c.samples as u32))
-        .collect();
-    let mut mean_stats = vec![0.0; batch_norm.len()];
-    weighted_average(&stats, &mut mean_stats);
-    update_moving_average(batch_norm, &mean_stats, BATCH_NORM_DECAY);
+/// Each shard's gradient and batch-norm statistics with its sample count, in shard order.
+type Weighted<'a> = Vec<(&'a [f32], u32)>;
+
+fn split(contributions: &[Contribution]) -> (Weighted<'_>, Weighted<'_>) {
+    let weighted = |f: fn(&Contribution) -> &[f32]| contributions.iter().map(|c| (f(c), c.samples as u32)).collect();
+    (weighted(|c| &c.gradient), weighted(|c| &c.bn_stats))
 }

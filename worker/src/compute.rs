@@ -5,11 +5,10 @@
 //! noise and dropout seeded by the step and the shard, so a shard's contribution is the same
 //! whichever worker computes it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use forger_common::faults::crash_point;
 use forger_common::layout;
-use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
@@ -19,6 +18,7 @@ use tracing::info;
 
 use crate::error::{Result, WorkerError};
 use crate::replica::{Contribution, Net, Replica, noise};
+use crate::shard::{DROPOUT_PHASE_D, DROPOUT_PHASE_G, ShardStore, dropout_seed, noise_seed};
 
 /// What the worker learnt at Join.
 #[derive(Debug, Clone)]
@@ -45,16 +45,6 @@ pub enum Command {
     Message(pb::CoordinatorMessage),
     /// The answer to an Assign: hold exactly `shards`, of which `fetched` are new downloads.
     Shards { shards: Vec<u32>, fetched: Vec<Shard> },
-}
-
-/// The dropout streams of the two training phases differ, so their masks are independent.
-pub(crate) const DROPOUT_PHASE_D: u64 = 2;
-pub(crate) const DROPOUT_PHASE_G: u64 = 3;
-
-/// A shard's images as one tensor, and where each dataset index sits in it.
-struct ShardStore {
-    images: Tensor,
-    positions: HashMap<u32, i64>,
 }
 
 /// One shard's part of the step in progress: its batch and noise serve every phase, as in the
@@ -149,12 +139,10 @@ impl Worker {
     /// Keeps exactly `shards`, adding the new downloads, and tells the coordinator.
     fn hold(&mut self, shards: Vec<u32>, fetched: Vec<Shard>) -> Result<()> {
         self.shards.retain(|shard, _| shards.contains(shard));
-        let size = self.job.spec.data.image_size as i64;
+        let size = self.job.spec.data.image_size;
         for shard in fetched {
-            let count = shard.indices.len() as i64;
-            let images = Tensor::f_from_slice(&shard.pixels)?.f_view([count, size, size, 3])?;
-            let positions = shard.indices.iter().enumerate().map(|(p, &i)| (i, p as i64)).collect();
-            self.shards.insert(shard.shard, ShardStore { images, positions });
+            let store = ShardStore::new(shard.shard, &shard.indices, &shard.pixels, size)?;
+            self.shards.insert(shard.shard, store);
         }
         let held: Vec<u32> = self.shards.keys().copied().collect();
         if held != shards {
@@ -227,20 +215,9 @@ impl Worker {
                     batch.shard
                 ))
             })?;
-            let positions: Vec<i64> = batch
-                .indices
-                .iter()
-                .map(|i| {
-                    store.positions.get(i).copied().ok_or_else(|| {
-                        WorkerError::Protocol(format!(
-                            "step {step} asks for image {i}, which is not in shard {}",
-                            batch.shard
-                        ))
-                    })
-                })
-                .collect::<Result<_>>()?;
+            let positions = store.positions(&batch.indices, step)?;
             let images = self.replica.batch(&store.images, &positions)?;
-            let seed = seeds::derive(spec.train.seed, Stream::Noise, &[step, u64::from(batch.shard)]);
+            let seed = noise_seed(spec.train.seed, step, batch.shard);
             let noise = noise(seed, positions.len(), spec.model.noise_dim as usize, self.job.device)?;
             let sums = self.replica.evaluate(&images, &noise)?;
             losses.push(pb::ShardLosses {
@@ -322,11 +299,7 @@ impl Worker {
     }
 
     fn dropout_seed(&self, step: u64, shard: u32, phase: u64) -> u64 {
-        seeds::derive(
-            self.job.spec.train.seed,
-            Stream::Dropout,
-            &[step, u64::from(shard), phase],
-        )
+        dropout_seed(self.job.spec.train.seed, step, shard, phase)
     }
 
     /// Sends each shard's gradient in wire-sized chunks.

@@ -18,3 +18,4 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod replica;
+pub mod shard;
