@@ -4,6 +4,15 @@
 /// gRPC's default 4 MiB message limit.
 pub const CHUNK_VALUES: usize = 1 << 18;
 
+/// HTTP/2 flow-control windows of the session stream and its connection, in bytes. h2's
+/// default of 64 KiB makes a 17 MB gradient wait for a window update every 64 KiB; a window
+/// above one step's traffic per worker lets a phase's chunks flow without stopping.
+pub const STREAM_WINDOW: u32 = 32 << 20;
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+/// The largest HTTP/2 frame a peer may send (the protocol allows up to 16 MiB - 1): a
+/// 1 MiB chunk then takes one frame instead of 64 of the default 16 KiB.
+pub const MAX_FRAME: u32 = (1 << 20) - 1;
+
 /// Appends `values` to `out` as little-endian bytes.
 pub fn f32_to_le_bytes(values: &[f32], out: &mut Vec<u8>) {
     out.reserve(values.len() * 4);

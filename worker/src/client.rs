@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use forger_common::layout;
 use forger_common::spec::JobSpec;
+use forger_common::{layout, wire};
 use forger_proto::PROTOCOL_VERSION;
 use forger_proto::pb::{self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In};
 use tch::Device;
@@ -286,6 +286,8 @@ async fn connect(url: &str, patience: Duration) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| WorkerError::Protocol(format!("bad coordinator address `{url}`: {e}")))?
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(wire::STREAM_WINDOW))
+        .initial_connection_window_size(Some(wire::CONNECTION_WINDOW))
         .connect_timeout(Duration::from_secs(5))
         // A coordinator host that vanishes without closing the connection is noticed within
         // seconds rather than when the kernel gives up on the socket.
