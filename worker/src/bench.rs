@@ -88,7 +88,7 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
                 spec.model.noise_dim as usize,
                 device,
             )?;
-            let sums = replica.evaluate(&images, &noise)?;
+            let (sums, step_batch) = replica.evaluate_step(images, noise)?;
             if !(sums.sum_d_real.is_finite() && sums.sum_d_fake.is_finite() && sums.sum_g.is_finite()) {
                 return Err(WorkerError::Protocol(format!(
                     "step {step}: shard {shard} gave non-finite losses"
@@ -98,15 +98,15 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
             fake += sums.sum_d_fake;
             gen_loss += sums.sum_g;
             samples += sums.samples as f64;
-            parts.push((shard, images, noise));
+            parts.push((shard, step_batch));
         }
         let loss_d = 0.5 * (real / samples + fake / samples);
         let plan = decide_balance(loss_d, gen_loss / samples, t.balance);
         if plan.train_d {
             let mut contributions = Vec::with_capacity(parts.len());
-            for (shard, images, noise) in &parts {
+            for (shard, step_batch) in &mut parts {
                 let dropout = dropout_seed(seed, step, *shard, DROPOUT_PHASE_D);
-                contributions.push(replica.discriminator_gradient(images, noise, dropout)?);
+                contributions.push(replica.discriminator_phase(step_batch, dropout)?);
             }
             let (gradients, stats) = split(&contributions);
             let master = &mut state.discriminator;
@@ -123,9 +123,9 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
         }
         if plan.train_g {
             let mut contributions = Vec::with_capacity(parts.len());
-            for (shard, _, noise) in &parts {
+            for (shard, step_batch) in &mut parts {
                 let dropout = dropout_seed(seed, step, *shard, DROPOUT_PHASE_G);
-                contributions.push(replica.generator_gradient(noise, dropout)?);
+                contributions.push(replica.generator_phase(step_batch, dropout)?);
             }
             let (gradients, stats) = split(&contributions);
             let master = &mut state.generator;

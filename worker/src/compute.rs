@@ -12,12 +12,12 @@ use forger_common::layout;
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
-use tch::{Device, Tensor};
+use tch::Device;
 use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::error::{Result, WorkerError};
-use crate::replica::{Contribution, Net, Replica, noise};
+use crate::replica::{Contribution, Net, Replica, StepBatch, noise};
 use crate::shard::{DROPOUT_PHASE_D, DROPOUT_PHASE_G, ShardStore, dropout_seed, noise_seed};
 
 /// What the worker learnt at Join.
@@ -51,8 +51,7 @@ pub enum Command {
 /// article's loop.
 struct ShardStep {
     shard: u32,
-    images: Tensor,
-    noise: Tensor,
+    batch: StepBatch,
 }
 
 /// The attempt in progress.
@@ -219,7 +218,7 @@ impl Worker {
             let images = self.replica.batch(&store.images, &positions)?;
             let seed = noise_seed(spec.train.seed, step, batch.shard);
             let noise = noise(seed, positions.len(), spec.model.noise_dim as usize, self.job.device)?;
-            let sums = self.replica.evaluate(&images, &noise)?;
+            let (sums, step_batch) = self.replica.evaluate_step(images, noise)?;
             losses.push(pb::ShardLosses {
                 shard: batch.shard,
                 samples: sums.samples as u32,
@@ -229,8 +228,7 @@ impl Worker {
             });
             steps.push(ShardStep {
                 shard: batch.shard,
-                images,
-                noise,
+                batch: step_batch,
             });
         }
         let params_crc32 = if evaluate.check_params {
@@ -267,12 +265,12 @@ impl Worker {
         };
         current.generator_pending = plan.train_g;
         if plan.train_d {
-            let current = self.current.as_ref().expect("checked above");
+            let current = self.current.as_mut().expect("checked above");
             let (step, attempt) = (current.step, current.attempt);
             let mut contributions = Vec::with_capacity(current.shards.len());
-            for part in &current.shards {
-                let seed = self.dropout_seed(step, part.shard, DROPOUT_PHASE_D);
-                let contribution = self.replica.discriminator_gradient(&part.images, &part.noise, seed)?;
+            for part in &mut current.shards {
+                let seed = dropout_seed(self.job.spec.train.seed, step, part.shard, DROPOUT_PHASE_D);
+                let contribution = self.replica.discriminator_phase(&mut part.batch, seed)?;
                 contributions.push((part.shard, contribution));
             }
             self.upload(step, attempt, pb::Phase::Discriminator, contributions)
@@ -289,17 +287,13 @@ impl Worker {
         current.generator_pending = false;
         let (step, attempt) = (current.step, current.attempt);
         crash_point("worker-g-phase", step);
-        let current = self.current.as_ref().expect("a step is in progress");
+        let current = self.current.as_mut().expect("a step is in progress");
         let mut contributions = Vec::with_capacity(current.shards.len());
-        for part in &current.shards {
-            let seed = self.dropout_seed(step, part.shard, DROPOUT_PHASE_G);
-            contributions.push((part.shard, self.replica.generator_gradient(&part.noise, seed)?));
+        for part in &mut current.shards {
+            let seed = dropout_seed(self.job.spec.train.seed, step, part.shard, DROPOUT_PHASE_G);
+            contributions.push((part.shard, self.replica.generator_phase(&mut part.batch, seed)?));
         }
         self.upload(step, attempt, pb::Phase::Generator, contributions)
-    }
-
-    fn dropout_seed(&self, step: u64, shard: u32, phase: u64) -> u64 {
-        dropout_seed(self.job.spec.train.seed, step, shard, phase)
     }
 
     /// Sends each shard's gradient in wire-sized chunks.

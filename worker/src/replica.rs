@@ -57,6 +57,24 @@ pub struct Contribution {
     pub samples: usize,
 }
 
+/// One shard's batch of a step, held from the evaluation to the gradient phases.
+///
+/// Without dropout the evaluation's forward pass is exactly the discriminator phase's (same
+/// parameters, same inputs, no masks) and the generator's part of it is exactly the generator
+/// phase's (the generator does not change in between), so the batch keeps that pass: the D
+/// phase only runs its backward and the G phase only runs the updated D forward. With dropout
+/// each phase draws its own masks, as each TF1 `sess.run` did, and recomputes.
+#[derive(Debug)]
+pub struct StepBatch {
+    images: Tensor,
+    noise: Tensor,
+    /// `G(z)` with the generator's graph.
+    fake: Option<Tensor>,
+    /// The discriminator's loss on the images and `G(z)` (detached), with D's graph.
+    d_loss: Option<Tensor>,
+    bn_stats: Vec<f32>,
+}
+
 /// Both networks on one device.
 ///
 /// Dropout masks come from libtorch's process-wide generator, reseeded by each gradient call:
@@ -200,6 +218,78 @@ impl Replica {
                 sum_d_fake: sum(&bce_fake(&fake_p)?)?,
                 sum_g: sum(&bce_real(&fake_p)?)?,
             })
+        })
+    }
+
+    /// Evaluates a step's batch ([`Replica::evaluate`]'s losses) and keeps what the step's
+    /// gradient phases can reuse (see [`StepBatch`]).
+    pub fn evaluate_step(&self, images: Tensor, noise: Tensor) -> Result<(LossSums, StepBatch)> {
+        if self.model.dropout > 0.0 {
+            let sums = self.evaluate(&images, &noise)?;
+            let batch = StepBatch {
+                images,
+                noise,
+                fake: None,
+                d_loss: None,
+                bn_stats: Vec::new(),
+            };
+            return Ok((sums, batch));
+        }
+        let (on_device, noise_on_device, samples) = self.inputs(&images, &noise)?;
+        let (fake, bn_stats) = self.g.forward_train(&noise_on_device, 0.0)?;
+        let real_p = self.d.forward(&on_device, 0.0)?;
+        let fake_p = self.d.forward(&fake.f_detach()?, 0.0)?;
+        let (real_loss, fake_loss) = (bce_real(&real_p)?, bce_fake(&fake_p)?);
+        let sums = tch::no_grad(|| -> Result<LossSums> {
+            Ok(LossSums {
+                samples,
+                sum_d_real: sum(&real_loss)?,
+                sum_d_fake: sum(&fake_loss)?,
+                sum_g: sum(&bce_real(&fake_p)?)?,
+            })
+        })?;
+        let d_loss = real_loss.f_add(&fake_loss)?.f_mul_scalar(0.5)?.f_mean(None::<Kind>)?;
+        let batch = StepBatch {
+            images,
+            noise,
+            fake: Some(fake),
+            d_loss: Some(d_loss),
+            bn_stats,
+        };
+        Ok((sums, batch))
+    }
+
+    /// The discriminator phase of a step's batch: [`Replica::discriminator_gradient`], from
+    /// the kept forward pass when there is one.
+    pub fn discriminator_phase(&mut self, batch: &mut StepBatch, dropout_seed: u64) -> Result<Contribution> {
+        let Some(loss) = batch.d_loss.take() else {
+            return self.discriminator_gradient(&batch.images, &batch.noise, dropout_seed);
+        };
+        zero_grads(&mut self.d_vars);
+        loss.f_backward()?;
+        Ok(Contribution {
+            gradient: gradients(&self.d_vars)?,
+            bn_stats: batch.bn_stats.clone(),
+            samples: batch.images.size()[0] as usize,
+        })
+    }
+
+    /// The generator phase of a step's batch: [`Replica::generator_gradient`], through the
+    /// kept `G(z)` when there is one.
+    pub fn generator_phase(&mut self, batch: &mut StepBatch, dropout_seed: u64) -> Result<Contribution> {
+        let Some(fake) = batch.fake.take() else {
+            return self.generator_gradient(&batch.noise, dropout_seed);
+        };
+        zero_grads(&mut self.g_vars);
+        {
+            let _frozen = Frozen::new(&self.d_vars)?;
+            let fake_p = self.d.forward(&fake, 0.0)?;
+            bce_real(&fake_p)?.f_mean(None::<Kind>)?.f_backward()?;
+        }
+        Ok(Contribution {
+            gradient: gradients(&self.g_vars)?,
+            bn_stats: batch.bn_stats.clone(),
+            samples: batch.noise.size()[0] as usize,
         })
     }
 

@@ -114,6 +114,37 @@ fn equal_replicas_give_bit_identical_contributions() {
 }
 
 #[test]
+fn a_step_reusing_its_forward_pass_equals_one_recomputing_it_bit_for_bit() {
+    let _rng = torch_rng();
+    for dropout in [0.0, 0.5] {
+        let model = spec([8, 4, 2], dropout);
+        let (mut kept, mut recomputed) = (loaded(&model, 40, Kind::Float), loaded(&model, 40, Kind::Float));
+        let (x, z) = (images(4, 40), noise(9, 4, 16, Device::Cpu).unwrap());
+        let (sums, mut batch) = kept.evaluate_step(x.shallow_clone(), z.shallow_clone()).unwrap();
+        assert_eq!(
+            batch.d_loss.is_some(),
+            dropout == 0.0,
+            "the pass is kept only without dropout"
+        );
+        assert_eq!(sums, recomputed.evaluate(&x, &z).unwrap());
+        let d = kept.discriminator_phase(&mut batch, 77).unwrap();
+        assert_eq!(d, recomputed.discriminator_gradient(&x, &z, 77).unwrap());
+        // The G phase must go through the updated discriminator, not the one evaluated.
+        let updated: Vec<f32> = kept
+            .params(Net::Discriminator)
+            .unwrap()
+            .iter()
+            .map(|w| w * 0.9)
+            .collect();
+        kept.set_params(Net::Discriminator, &updated).unwrap();
+        recomputed.set_params(Net::Discriminator, &updated).unwrap();
+        let g = kept.generator_phase(&mut batch, 78).unwrap();
+        assert_eq!(g, recomputed.generator_gradient(&z, 78).unwrap());
+        assert!(kept.d_vars.iter().all(Tensor::requires_grad));
+    }
+}
+
+#[test]
 fn dropout_changes_the_gradient_and_its_seed_matters() {
     let _rng = torch_rng();
     let (x, z) = (images(4, 40), noise(9, 4, 16, Device::Cpu).unwrap());
