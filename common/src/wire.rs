@@ -13,12 +13,19 @@ pub const CONNECTION_WINDOW: u32 = 64 << 20;
 /// 1 MiB chunk then takes one frame instead of 64 of the default 16 KiB.
 pub const MAX_FRAME: u32 = (1 << 20) - 1;
 
+// The wire format is the memory layout of f32 on little-endian machines, so a buffer goes
+// on and off the wire with one copy.
+#[cfg(not(target_endian = "little"))]
+compile_error!("forger's wire format copies f32 memory as little-endian bytes");
+
 /// Appends `values` to `out` as little-endian bytes.
 pub fn f32_to_le_bytes(values: &[f32], out: &mut Vec<u8>) {
-    out.reserve(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
+    out.extend_from_slice(bytemuck::cast_slice(values));
+}
+
+/// `values` as little-endian bytes in one new buffer, to slice into chunks without copying.
+pub fn f32_bytes(values: &[f32]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(bytemuck::cast_slice(values))
 }
 
 /// Decodes little-endian bytes into `out`, which must hold exactly `bytes.len() / 4` values.
@@ -27,9 +34,8 @@ pub fn le_bytes_to_f32(bytes: &[u8], out: &mut [f32]) -> bool {
     if bytes.len() != out.len() * 4 {
         return false;
     }
-    for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *dst = f32::from_le_bytes([src[0], src[1], src[2], src[3]]);
-    }
+    // The received bytes need not be 4-aligned, so copy as bytes.
+    bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
     true
 }
 

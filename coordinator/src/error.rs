@@ -25,6 +25,15 @@ pub enum CoordinatorError {
         phase: &'static str,
         message: String,
     },
+    /// A shard's gradient held a NaN or an infinity. Its chunks may already be in the streamed
+    /// mean, so the step is undone and run again with the shard left out of that phase.
+    #[error("worker {worker}, shard {shard} at step {step}, phase {phase}: the gradient is not finite")]
+    NonFiniteGradient {
+        worker: u64,
+        shard: u32,
+        step: u64,
+        phase: &'static str,
+    },
     /// Every shard's losses stayed non-finite for many steps in a row: the model itself has
     /// diverged (no non-finite value was ever applied, so the last checkpoint is sound).
     #[error(

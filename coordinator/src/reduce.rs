@@ -1,26 +1,48 @@
-//! The all-reduce's first half: assembling each shard's upload from its chunks (the averaging
-//! is `forger_common::average`).
+//! The all-reduce, streamed: every shard's gradient chunks are summed into one buffer as they
+//! arrive, so a chunk that every shard has delivered can be applied and broadcast while later
+//! chunks are still on the wire.
+//!
+//! The sum of each chunk is taken in shard order, with the weights of
+//! `forger_common::average::weighted_average`, so the mean has the same bits as that function
+//! gives on whole buffers (the single-process loop uses it). A chunk that arrives before its
+//! turn (shard 2's chunk 0 before shard 1's) is held, as the received bytes, until its turn
+//! comes. So the coordinator keeps one reduce buffer per network, plus whatever early chunks
+//! uneven workers leave waiting, instead of one buffer per shard.
 
-use forger_common::wire;
+use std::ops::Range;
 
-/// One shard's upload for a phase, assembled from its chunks.
-#[derive(Debug)]
-pub struct Upload {
-    values: Vec<f32>,
-    received: usize,
-    pub samples: u32,
-    pub bn_stats: Vec<f32>,
-    pub complete: bool,
-}
+use bytes::Bytes;
+use forger_common::average::weighted_average;
+use forger_common::wire::CHUNK_VALUES;
 
 /// Why a chunk was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ChunkError {
-    OutOfOrder { expected: usize, found: usize },
-    TooLong { len: usize },
+    OutOfOrder {
+        expected: usize,
+        found: usize,
+    },
+    WrongSize {
+        chunk: usize,
+        expected: usize,
+        found: usize,
+    },
+    TooLong {
+        len: usize,
+    },
     Misaligned,
-    EndedEarly { received: usize, len: usize },
+    LastFlag {
+        chunk: usize,
+        chunks: usize,
+    },
     AfterEnd,
+    NotAveraged,
+    FinalChunk {
+        samples: u32,
+        expected_samples: u32,
+        bn: usize,
+        expected_bn: usize,
+    },
 }
 
 impl std::fmt::Display for ChunkError {
@@ -29,43 +51,155 @@ impl std::fmt::Display for ChunkError {
             ChunkError::OutOfOrder { expected, found } => {
                 write!(f, "chunk starts at element {found}, expected {expected}")
             }
+            ChunkError::WrongSize { chunk, expected, found } => {
+                write!(f, "chunk {chunk} holds {found} values, expected {expected}")
+            }
             ChunkError::TooLong { len } => write!(f, "gradient is longer than the {len} parameters"),
             ChunkError::Misaligned => write!(f, "chunk is not a whole number of f32 values"),
-            ChunkError::EndedEarly { received, len } => {
-                write!(f, "upload ended after {received} of {len} values")
+            ChunkError::LastFlag { chunk, chunks } => {
+                write!(f, "chunk {chunk} of {chunks} carries the wrong `last` flag")
             }
             ChunkError::AfterEnd => write!(f, "chunk after the final one"),
+            ChunkError::NotAveraged => write!(f, "shard is not part of this phase's average"),
+            ChunkError::FinalChunk {
+                samples,
+                expected_samples,
+                bn,
+                expected_bn,
+            } => write!(
+                f,
+                "final chunk has {samples} samples and {bn} batch-norm values \
+                 (expected {expected_samples} and {expected_bn})"
+            ),
         }
     }
 }
 
-impl Upload {
-    pub fn new(len: usize) -> Self {
-        Upload {
-            values: vec![0.0; len],
-            received: 0,
-            samples: 0,
-            bn_stats: Vec::new(),
-            complete: false,
+/// What taking a chunk came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Summed or held; `complete_chunks` may have grown.
+    Ok,
+    /// The shard's gradient holds a NaN or an infinity (or its batch-norm statistics do): one
+    /// such value would spread through the mean into every parameter.
+    NonFinite { shard: u32 },
+}
+
+/// One shard's part of the phase.
+#[derive(Debug)]
+struct Part {
+    shard: u32,
+    samples: u32,
+    weight: f32,
+    /// Chunks received so far (they arrive in order).
+    received: usize,
+    /// Chunks received before their turn in the sum, by chunk index.
+    early: Vec<Option<Bytes>>,
+    bn_stats: Option<Vec<f32>>,
+}
+
+/// The sample-weighted mean of one network's gradient over a phase's shards.
+#[derive(Debug)]
+pub struct StreamingMean {
+    len: usize,
+    bn_len: usize,
+    parts: Vec<Part>,
+    sum: Vec<f32>,
+    /// Per chunk, how many parts (in shard order) its sum holds.
+    summed: Vec<usize>,
+    /// Chunks summed over every part: a prefix, since each part sends in order.
+    complete: usize,
+}
+
+impl StreamingMean {
+    pub fn new(len: usize, bn_len: usize) -> Self {
+        let chunks = chunk_count(len);
+        StreamingMean {
+            len,
+            bn_len,
+            parts: Vec::new(),
+            sum: vec![0.0; len],
+            summed: vec![0; chunks],
+            complete: 0,
         }
     }
 
-    /// Clears the upload for the next phase, keeping its buffer.
-    pub fn reset(&mut self) {
-        self.received = 0;
-        self.samples = 0;
-        self.bn_stats.clear();
-        self.complete = false;
+    /// Starts a phase averaging `shards` (shard, samples) in the order given, keeping the
+    /// buffer.
+    pub fn begin(&mut self, shards: &[(u32, u32)]) {
+        let total: u64 = shards.iter().map(|&(_, n)| u64::from(n)).sum();
+        let chunks = self.summed.len();
+        self.parts = shards
+            .iter()
+            .map(|&(shard, samples)| Part {
+                shard,
+                samples,
+                // As `weighted_average` weighs, so the bits agree.
+                weight: (f64::from(samples) / total.max(1) as f64) as f32,
+                received: 0,
+                early: vec![None; chunks],
+                bn_stats: None,
+            })
+            .collect();
+        self.sum.fill(0.0);
+        self.summed.fill(0);
+        self.complete = 0;
     }
 
-    /// Takes one chunk. Chunks must arrive in order and cover the buffer exactly.
-    pub fn accept(&mut self, offset: usize, bytes: &[u8], last: bool) -> Result<(), ChunkError> {
-        if self.complete {
+    pub fn chunks(&self) -> usize {
+        self.summed.len()
+    }
+
+    /// Chunks whose mean is final, counted from the first.
+    pub fn complete_chunks(&self) -> usize {
+        self.complete
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete == self.chunks()
+    }
+
+    /// The shards still sending, in shard order.
+    pub fn unfinished(&self) -> impl Iterator<Item = u32> + '_ {
+        let chunks = self.chunks();
+        self.parts.iter().filter(move |p| p.received < chunks).map(|p| p.shard)
+    }
+
+    /// The element range of chunk `c`.
+    pub fn range(&self, c: usize) -> Range<usize> {
+        chunk_range(c, self.len)
+    }
+
+    /// The mean over `range`, final once its chunks are complete.
+    pub fn mean(&self, range: Range<usize>) -> &[f32] {
+        &self.sum[range]
+    }
+
+    /// Takes one chunk of `shard`'s upload. Chunks of a shard must arrive in order, cut at
+    /// `CHUNK_VALUES`, the final one flagged and carrying the samples and batch-norm statistics.
+    pub fn accept(
+        &mut self,
+        shard: u32,
+        offset: usize,
+        bytes: Bytes,
+        last: bool,
+        final_part: (u32, Vec<f32>),
+    ) -> Result<Taken, ChunkError> {
+        let chunks = self.chunks();
+        let position = self
+            .parts
+            .iter()
+            .position(|p| p.shard == shard)
+            .ok_or(ChunkError::NotAveraged)?;
+        let part = &mut self.parts[position];
+        let c = part.received;
+        if c == chunks {
             return Err(ChunkError::AfterEnd);
         }
-        if offset != self.received {
+        let range = chunk_range(c, self.len);
+        if offset != range.start {
             return Err(ChunkError::OutOfOrder {
-                expected: self.received,
+                expected: range.start,
                 found: offset,
             });
         }
@@ -73,69 +207,95 @@ impl Upload {
             return Err(ChunkError::Misaligned);
         }
         let count = bytes.len() / 4;
-        if offset + count > self.values.len() {
-            return Err(ChunkError::TooLong { len: self.values.len() });
+        if offset + count > self.len {
+            return Err(ChunkError::TooLong { len: self.len });
         }
-        wire::le_bytes_to_f32(bytes, &mut self.values[offset..offset + count]);
-        self.received += count;
+        if count != range.len() {
+            return Err(ChunkError::WrongSize {
+                chunk: c,
+                expected: range.len(),
+                found: count,
+            });
+        }
+        if last != (c + 1 == chunks) {
+            return Err(ChunkError::LastFlag { chunk: c, chunks });
+        }
         if last {
-            if self.received != self.values.len() {
-                return Err(ChunkError::EndedEarly {
-                    received: self.received,
-                    len: self.values.len(),
+            let (samples, bn) = final_part;
+            if samples != part.samples || bn.len() != self.bn_len {
+                return Err(ChunkError::FinalChunk {
+                    samples,
+                    expected_samples: part.samples,
+                    bn: bn.len(),
+                    expected_bn: self.bn_len,
                 });
             }
-            self.complete = true;
+            if !bn.iter().all(|v| v.is_finite()) {
+                return Ok(Taken::NonFinite { shard });
+            }
+            part.bn_stats = Some(bn);
         }
-        Ok(())
+        part.received += 1;
+        if self.summed[c] == position {
+            if !self.add(position, c, &bytes) {
+                return Ok(Taken::NonFinite { shard });
+            }
+            // Later shards' chunks that were waiting for this one.
+            while let Some(next) = self.parts.get_mut(self.summed[c]).and_then(|p| p.early[c].take()) {
+                let next_position = self.summed[c];
+                if !self.add(next_position, c, &next) {
+                    return Ok(Taken::NonFinite {
+                        shard: self.parts[next_position].shard,
+                    });
+                }
+            }
+            while self.complete < chunks && self.summed[self.complete] == self.parts.len() {
+                self.complete += 1;
+            }
+        } else {
+            self.parts[position].early[c] = Some(bytes);
+        }
+        Ok(Taken::Ok)
     }
 
-    pub fn values(&self) -> &[f32] {
-        &self.values
+    /// Adds one part's chunk to the sum; false if it holds a value that is not finite.
+    fn add(&mut self, position: usize, c: usize, bytes: &[u8]) -> bool {
+        let weight = self.parts[position].weight;
+        let range = chunk_range(c, self.len);
+        let mut finite = true;
+        for (acc, value) in self.sum[range].iter_mut().zip(bytes.chunks_exact(4)) {
+            let v = f32::from_le_bytes([value[0], value[1], value[2], value[3]]);
+            finite &= v.is_finite();
+            *acc += weight * v;
+        }
+        self.summed[c] += 1;
+        finite
     }
 
-    /// Whether every value and batch-norm statistic is finite: one NaN or infinity would
-    /// spread through the average into every parameter.
-    pub fn is_finite(&self) -> bool {
-        self.values.iter().chain(&self.bn_stats).all(|v| v.is_finite())
+    /// The sample-weighted mean of the parts' batch-norm statistics, in shard order; call once
+    /// every chunk is complete.
+    pub fn bn_mean(&self) -> Vec<f32> {
+        let stats: Vec<(&[f32], u32)> = self
+            .parts
+            .iter()
+            .map(|p| (p.bn_stats.as_deref().unwrap_or(&[]), p.samples))
+            .collect();
+        let mut mean = vec![0.0; self.bn_len];
+        weighted_average(&stats, &mut mean);
+        mean
     }
+}
+
+/// How many chunks a buffer of `len` values travels in (at least one, so an empty final chunk
+/// still carries the batch-norm statistics).
+pub fn chunk_count(len: usize) -> usize {
+    len.div_ceil(CHUNK_VALUES).max(1)
+}
+
+/// The element range of chunk `c` of a buffer of `len` values.
+pub fn chunk_range(c: usize, len: usize) -> Range<usize> {
+    (c * CHUNK_VALUES).min(len)..((c + 1) * CHUNK_VALUES).min(len)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bytes(values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::new();
-        wire::f32_to_le_bytes(values, &mut out);
-        out
-    }
-
-    #[test]
-    fn assembles_chunks_in_order() {
-        let mut upload = Upload::new(4);
-        upload.accept(0, &bytes(&[1.0, 2.0]), false).unwrap();
-        upload.accept(2, &bytes(&[3.0, 4.0]), true).unwrap();
-        assert!(upload.complete);
-        assert_eq!(upload.values(), &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(upload.accept(4, &[], true), Err(ChunkError::AfterEnd));
-    }
-
-    #[test]
-    fn refuses_gaps_overruns_and_short_uploads() {
-        let mut upload = Upload::new(4);
-        assert_eq!(
-            upload.accept(1, &bytes(&[1.0]), false),
-            Err(ChunkError::OutOfOrder { expected: 0, found: 1 })
-        );
-        assert_eq!(
-            upload.accept(0, &bytes(&[0.0; 5]), true),
-            Err(ChunkError::TooLong { len: 4 })
-        );
-        assert_eq!(upload.accept(0, &[0, 0, 0], false), Err(ChunkError::Misaligned));
-        assert_eq!(
-            upload.accept(0, &bytes(&[1.0]), true),
-            Err(ChunkError::EndedEarly { received: 1, len: 4 })
-        );
-    }
-}
+mod tests;

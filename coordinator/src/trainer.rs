@@ -20,21 +20,20 @@ use bytes::Bytes;
 use forger_common::balance::{StepPlan, decide_balance};
 use forger_common::checkpoint::{self, NetState, TrainingState};
 use forger_common::grid;
-use forger_common::layout;
-use forger_common::rmsprop::RmsProp;
+use forger_common::layout::{self, BATCH_NORM_DECAY};
+use forger_common::rmsprop::{RmsProp, update_moving_average};
 use forger_common::sampler::BatchSampler;
 use forger_common::seeds::{self, Stream};
 use forger_common::spec::JobSpec;
-use forger_common::wire::{self, CHUNK_VALUES};
+use forger_common::wire;
 use forger_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
 use tokio::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::error::{CoordinatorError, Result};
 use crate::peers::Peers;
-use crate::reduce::Upload;
+use crate::reduce::{StreamingMean, Taken, chunk_count, chunk_range};
 use crate::run_dir::{EventLog, MetricsLog, RunDir, StepRecord};
-use forger_common::average::update_network;
 
 mod membership;
 
@@ -60,24 +59,22 @@ const DIVERGED_AFTER: u32 = 10;
 /// scheduling hiccup look like a stuck worker.
 const STALL_FLOOR: Duration = Duration::from_secs(10);
 
-/// One network's optimizer, the uploads towards it, and a copy of its state from before this
-/// step's update (buffers allocated once and reused every step).
+/// One network's optimizer, the streamed mean of the uploads towards it, and a copy of its
+/// state from before this step's update (buffers allocated once and reused every step).
 #[derive(Debug)]
 struct NetSlot {
     optimizer: RmsProp,
-    uploads: Vec<Upload>,
-    average: Vec<f32>,
+    mean: StreamingMean,
     undo: NetState,
     /// Set once `undo` holds the state from before this step's update.
     updated: bool,
 }
 
 impl NetSlot {
-    fn new(optimizer: RmsProp, len: usize, shards: usize) -> Self {
+    fn new(optimizer: RmsProp, len: usize, bn_len: usize) -> Self {
         NetSlot {
             optimizer,
-            uploads: (0..shards).map(|_| Upload::new(len)).collect(),
-            average: vec![0.0; len],
+            mean: StreamingMean::new(len, bn_len),
             undo: NetState {
                 params: vec![0.0; len],
                 mean_square: vec![0.0; len],
@@ -129,7 +126,6 @@ pub struct Trainer {
     peers: Peers,
     d: NetSlot,
     g: NetSlot,
-    bn_len: usize,
     last_checkpoint: u64,
     /// The attempt at step `state.step + 1`; starts at 1 and grows with every retry.
     attempt: u32,
@@ -139,6 +135,9 @@ pub struct Trainer {
     skipped_in_a_row: u32,
     /// The longest a phase has taken in this run, per shard of the busiest worker.
     slowest_per_shard: Option<Duration>,
+    /// Shards whose gradient for a network was not finite in an earlier attempt at this step:
+    /// they sit that network's update out.
+    excluded: Vec<(Net, u32)>,
     summary: RunSummary,
 }
 
@@ -147,8 +146,9 @@ struct Evaluation {
     loss_d_real: f64,
     loss_d_fake: f64,
     loss_g: f64,
-    /// Shards whose losses were finite, in shard order: only they contribute to the updates.
-    included: Vec<u32>,
+    /// Shards whose losses were finite, in shard order, with their samples: only they
+    /// contribute to the updates.
+    included: Vec<(u32, u32)>,
     images: u64,
 }
 
@@ -163,10 +163,9 @@ impl Trainer {
         peers: Peers,
     ) -> Self {
         let t = &spec.train;
-        let shards = samplers.len();
-        let d = NetSlot::new(RmsProp::for_spec(t, t.lr_d), state.discriminator.params.len(), shards);
-        let g = NetSlot::new(RmsProp::for_spec(t, t.lr_g), state.generator.params.len(), shards);
         let bn_len = layout::batch_norm_stats_len(&spec.model);
+        let d = NetSlot::new(RmsProp::for_spec(t, t.lr_d), state.discriminator.params.len(), bn_len);
+        let g = NetSlot::new(RmsProp::for_spec(t, t.lr_g), state.generator.params.len(), bn_len);
         let last_checkpoint = state.step;
         Trainer {
             spec,
@@ -182,12 +181,12 @@ impl Trainer {
             peers,
             d,
             g,
-            bn_len,
             last_checkpoint,
             attempt: 1,
             started: false,
             skipped_in_a_row: 0,
             slowest_per_shard: None,
+            excluded: Vec::new(),
         }
     }
 
@@ -279,10 +278,42 @@ impl Trainer {
                         }
                         self.settle().await?;
                     }
+                    Err(CoordinatorError::NonFiniteGradient {
+                        worker,
+                        shard,
+                        step,
+                        phase,
+                    }) => {
+                        warn!(
+                            worker,
+                            shard,
+                            step,
+                            phase,
+                            "non-finite gradient: the step is undone and run again without this shard's contribution"
+                        );
+                        self.history.record(
+                            step,
+                            "dropped",
+                            serde_json::json!({ "worker": worker, "shard": shard, "phase": phase }),
+                        );
+                        let net = if phase == Net::Discriminator.phase_name() {
+                            Net::Discriminator
+                        } else {
+                            Net::Generator
+                        };
+                        self.excluded.push((net, shard));
+                        self.attempt += 1;
+                        self.summary.retries += 1;
+                        for peer in self.peers.all_mut() {
+                            peer.has_params = false;
+                        }
+                        self.settle().await?;
+                    }
                     Err(e) => return Err(e),
                 }
             };
             self.attempt = 1;
+            self.excluded.clear();
             info!(
                 step,
                 loss_d = record.loss_d,
@@ -492,15 +523,18 @@ impl Trainer {
             .send_all(&all_ids, &[message], deadline, step, "plan")
             .await?;
         let mut dropped = dropped_at_evaluation;
-        if train_d {
-            dropped += self
-                .update(Net::Discriminator, step, &training, &evaluation.included)
-                .await?;
-        }
-        if train_g {
-            dropped += self
-                .update(Net::Generator, step, &training, &evaluation.included)
-                .await?;
+        for (net, planned) in [(Net::Discriminator, train_d), (Net::Generator, train_g)] {
+            if !planned {
+                continue;
+            }
+            let averaged: Vec<(u32, u32)> = evaluation
+                .included
+                .iter()
+                .copied()
+                .filter(|&(shard, _)| !self.excluded.contains(&(net, shard)))
+                .collect();
+            dropped += (evaluation.included.len() - averaged.len()) as u32;
+            self.update(net, step, &training, &averaged).await?;
         }
         self.finish_step(step);
         Ok(StepRecord {
@@ -616,7 +650,7 @@ impl Trainer {
                 );
                 continue;
             }
-            evaluation.included.push(shard);
+            evaluation.included.push((shard, s.samples));
             evaluation.loss_d_real += s.sum_d_real;
             evaluation.loss_d_fake += s.sum_d_fake;
             evaluation.loss_g += s.sum_g;
@@ -662,30 +696,51 @@ impl Trainer {
         )
     }
 
-    /// Gathers one network's gradient for every included shard, averages the finite ones in
-    /// shard order, applies the update and broadcasts. Returns how many were left out.
-    async fn update(&mut self, net: Net, step: u64, training: &[(u64, Vec<u32>)], included: &[u32]) -> Result<u32> {
+    /// Gathers one network's gradient for every averaged shard and streams the update: each
+    /// chunk whose every shard has arrived is averaged (in shard order), gets RMSProp and is
+    /// broadcast while later chunks are still arriving. The final chunk also updates and
+    /// carries the batch-norm running averages.
+    async fn update(
+        &mut self,
+        net: Net,
+        step: u64,
+        training: &[(u64, Vec<u32>)],
+        averaged: &[(u32, u32)],
+    ) -> Result<()> {
         let phase = net.phase_name();
         let deadline = self.phase_deadline();
         let started = Instant::now();
+        let ids: Vec<u64> = training.iter().map(|(w, _)| *w).collect();
         let holder = |shard: u32| {
             training
                 .iter()
                 .find(|(_, shards)| shards.contains(&shard))
                 .map(|(w, _)| *w)
         };
-        self.slot(net).uploads.iter_mut().for_each(Upload::reset);
+        if averaged.is_empty() {
+            warn!(step, phase, "no finite gradient: the network is not updated this step");
+            return self.broadcast_params(net, step, &ids, deadline).await;
+        }
+        {
+            let (slot, master) = self.slot_and_master(net);
+            slot.undo.params.copy_from_slice(&master.params);
+            slot.undo.mean_square.copy_from_slice(&master.mean_square);
+            slot.updated = true;
+            slot.mean.begin(averaged);
+        }
+        let mut sent = 0;
         loop {
-            let slot = self.slot(net);
-            let mut waiting: Vec<u64> = included
-                .iter()
-                .filter(|&&s| !slot.uploads[s as usize].complete)
-                .filter_map(|&s| holder(s))
-                .collect();
-            waiting.dedup();
-            if waiting.is_empty() {
+            let chunks = self.slot(net).mean.chunks();
+            while sent < self.slot(net).mean.complete_chunks() {
+                let message = self.apply_chunk(net, step, sent);
+                self.peers.send_all(&ids, &[message], deadline, step, phase).await?;
+                sent += 1;
+            }
+            if sent == chunks {
                 break;
             }
+            let mut waiting: Vec<u64> = self.slot(net).mean.unfinished().filter_map(holder).collect();
+            waiting.dedup();
             let (worker, kind) = self.peers.next(deadline, step, phase, &waiting).await?;
             if self.is_leftover(&kind) {
                 continue;
@@ -696,53 +751,38 @@ impl Trainer {
             if chunk.step != step || chunk.phase() != net.phase() || holder(chunk.shard) != Some(worker) {
                 return Err(self.unexpected(worker, step, phase, &In::Gradient(chunk)));
             }
-            if !included.contains(&chunk.shard) {
-                continue; // its losses were not finite: the shard sits this step out
+            if !averaged.iter().any(|&(s, _)| s == chunk.shard) {
+                continue; // its losses or an earlier gradient were not finite: it sits out
             }
-            let bn_len = self.bn_len;
-            let upload = &mut self.slot(net).uploads[chunk.shard as usize];
-            if let Err(e) = upload.accept(chunk.offset as usize, &chunk.values, chunk.last) {
-                let message = format!("shard {}: {e}", chunk.shard);
-                return Err(self.peers.fault(worker, step, phase, message));
-            }
-            if chunk.last {
-                if chunk.samples == 0 || chunk.bn_batch_stats.len() != bn_len {
-                    let message = format!(
-                        "final chunk of shard {} has {} samples and {} batch-norm values (expected {bn_len})",
-                        chunk.shard,
-                        chunk.samples,
-                        chunk.bn_batch_stats.len()
-                    );
+            let shard = chunk.shard;
+            let taken = self.slot(net).mean.accept(
+                shard,
+                chunk.offset as usize,
+                chunk.values,
+                chunk.last,
+                (chunk.samples, chunk.bn_batch_stats),
+            );
+            match taken {
+                Ok(Taken::Ok) => {}
+                Ok(Taken::NonFinite { shard }) => {
+                    let worker = holder(shard).unwrap_or(worker);
+                    return Err(CoordinatorError::NonFiniteGradient {
+                        worker,
+                        shard,
+                        step,
+                        phase,
+                    });
+                }
+                Err(e) => {
+                    let message = format!("shard {shard}: {e}");
                     return Err(self.peers.fault(worker, step, phase, message));
                 }
-                upload.samples = chunk.samples;
-                upload.bn_stats = chunk.bn_batch_stats;
+            }
+            if self.slot(net).mean.is_complete() {
+                self.observe_phase(started);
             }
         }
-        self.observe_phase(started);
-        let slot = self.slot(net);
-        let (finite, non_finite): (Vec<u32>, Vec<u32>) =
-            included.iter().partition(|&&s| slot.uploads[s as usize].is_finite());
-        for &shard in &non_finite {
-            let worker = holder(shard).unwrap_or(0);
-            warn!(
-                step,
-                worker, shard, phase, "non-finite gradient: the contribution is dropped"
-            );
-            self.history.record(
-                step,
-                "dropped",
-                serde_json::json!({ "worker": worker, "shard": shard, "phase": phase }),
-            );
-        }
-        if finite.is_empty() {
-            warn!(step, phase, "no finite gradient: the network is not updated this step");
-        } else {
-            self.apply_update(net, &finite);
-        }
-        let ids: Vec<u64> = training.iter().map(|(w, _)| *w).collect();
-        self.broadcast_params(net, step, &ids, deadline).await?;
-        Ok(non_finite.len() as u32)
+        Ok(())
     }
 
     fn slot(&mut self, net: Net) -> &mut NetSlot {
@@ -752,32 +792,39 @@ impl Trainer {
         }
     }
 
-    /// Averages the shards' uploads in shard order and updates the master copy, keeping an
-    /// undo copy.
-    fn apply_update(&mut self, net: Net, shards: &[u32]) {
+    fn slot_and_master(&mut self, net: Net) -> (&mut NetSlot, &mut NetState) {
+        match net {
+            Net::Discriminator => (&mut self.d, &mut self.state.discriminator),
+            Net::Generator => (&mut self.g, &mut self.state.generator),
+        }
+    }
+
+    /// Applies RMSProp to one complete chunk of the mean (and, with the final chunk, the
+    /// batch-norm running averages) and returns the chunk of new parameters to broadcast.
+    fn apply_chunk(&mut self, net: Net, step: u64, chunk: usize) -> pb::CoordinatorMessage {
         let (slot, master) = match net {
             Net::Discriminator => (&mut self.d, &mut self.state.discriminator),
             Net::Generator => (&mut self.g, &mut self.state.generator),
         };
-        let batch_norm = &mut self.state.batch_norm;
-        tokio::task::block_in_place(|| {
-            slot.undo.params.copy_from_slice(&master.params);
-            slot.undo.mean_square.copy_from_slice(&master.mean_square);
-            slot.updated = true;
-            let uploads: Vec<&Upload> = shards.iter().map(|&s| &slot.uploads[s as usize]).collect();
-            let gradients: Vec<(&[f32], u32)> = uploads.iter().map(|u| (u.values(), u.samples)).collect();
+        let range = slot.mean.range(chunk);
+        slot.optimizer.apply(
+            &mut master.params[range.clone()],
+            &mut master.mean_square[range.clone()],
+            slot.mean.mean(range.clone()),
+        );
+        let last = chunk + 1 == slot.mean.chunks();
+        if last {
             // Every phase ran the generator in training mode, as each TF1 update op did, so
             // each updates the running statistics with the cluster's batch statistics.
-            let stats: Vec<(&[f32], u32)> = uploads.iter().map(|u| (u.bn_stats.as_slice(), u.samples)).collect();
-            update_network(
-                &gradients,
-                &stats,
-                &slot.optimizer,
-                master,
-                &mut slot.average,
-                batch_norm,
-            );
-        });
+            update_moving_average(&mut self.state.batch_norm, &slot.mean.bn_mean(), BATCH_NORM_DECAY);
+        }
+        params_chunk(
+            step,
+            net.network(),
+            range.start,
+            wire::f32_bytes(&master.params[range]),
+            last.then(|| self.state.batch_norm.clone()),
+        )
     }
 
     /// Sends one network's master parameters (and the batch-norm running statistics).
@@ -889,25 +936,40 @@ pub fn params_messages(
     values: &[f32],
     batch_norm: &[f32],
 ) -> Vec<pb::CoordinatorMessage> {
-    let mut bytes = Vec::new();
-    wire::f32_to_le_bytes(values, &mut bytes);
-    let bytes = Bytes::from(bytes);
-    let chunks = values.len().div_ceil(CHUNK_VALUES).max(1);
+    let bytes = wire::f32_bytes(values);
+    let chunks = chunk_count(values.len());
     (0..chunks)
         .map(|c| {
-            let start = c * CHUNK_VALUES;
-            let end = ((c + 1) * CHUNK_VALUES).min(values.len());
+            let range = chunk_range(c, values.len());
             let last = c + 1 == chunks;
-            pb::CoordinatorMessage {
-                kind: Some(Out::Params(pb::ParamsChunk {
-                    step,
-                    network: network as i32,
-                    offset: start as u64,
-                    values: bytes.slice(start * 4..end * 4),
-                    last,
-                    bn_running_stats: if last { batch_norm.to_vec() } else { Vec::new() },
-                })),
-            }
+            params_chunk(
+                step,
+                network,
+                range.start,
+                bytes.slice(range.start * 4..range.end * 4),
+                last.then(|| batch_norm.to_vec()),
+            )
         })
         .collect()
+}
+
+/// One chunk of a network's parameters starting at element `offset`; `bn_running` marks the
+/// final chunk.
+fn params_chunk(
+    step: u64,
+    network: pb::Network,
+    offset: usize,
+    values: Bytes,
+    bn_running: Option<Vec<f32>>,
+) -> pb::CoordinatorMessage {
+    pb::CoordinatorMessage {
+        kind: Some(Out::Params(pb::ParamsChunk {
+            step,
+            network: network as i32,
+            offset: offset as u64,
+            values,
+            last: bn_running.is_some(),
+            bn_running_stats: bn_running.unwrap_or_default(),
+        })),
+    }
 }

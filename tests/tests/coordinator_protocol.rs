@@ -495,7 +495,8 @@ async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_res
     let In::Shutdown(shutdown) = workers[0].recv().await else {
         panic!("expected Shutdown")
     };
-    assert!(shutdown.reason.contains("ended after"), "{}", shutdown.reason);
+    let expected = format!("chunk 0 holds {} values, expected {}", short.len(), short.len() + 1);
+    assert!(shutdown.reason.contains(&expected), "{}", shutdown.reason);
     // With no worker left the run pauses rather than failing or spinning.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while events(run.path(), "paused").is_empty() {
@@ -521,7 +522,7 @@ async fn a_gradient_of_the_wrong_length_evicts_the_worker_the_run_pauses_and_res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
+async fn a_nan_gradient_undoes_the_step_and_the_retry_applies_the_others() {
     let (_data, run, coordinator) = tiny_cluster(3, 1).await;
     let mut workers = join(&coordinator, 3).await;
     let spec = workers[0].spec.clone();
@@ -530,10 +531,42 @@ async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
     let mut g = Reference::starting_at(&replicas.g, spec.train.lr_g);
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
     assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
-    // Shard 1's D gradient holds a NaN: the update is the mean of shards 0 and 2 only.
+    // Shard 1's D gradient holds a NaN. The streamed mean may already hold other chunks, so
+    // the coordinator undoes the attempt, sends every worker the parameters again, and runs
+    // the step once more with shard 1 left out of the D update only.
+    let len = d.params.len();
+    for w in &workers {
+        for &shard in w.shards.keys() {
+            let mut gradient = pseudo_random(shard as u64, len);
+            if shard == 1 {
+                gradient[len / 2] = f32::NAN;
+            }
+            w.upload(
+                (1, 1),
+                pb::Phase::Discriminator,
+                shard,
+                &gradient,
+                2,
+                vec![0.5; w.bn_len()],
+            )
+            .await;
+        }
+    }
+    for w in workers.iter_mut() {
+        let again = receive_both(w, 0).await;
+        assert!(
+            again.d == replicas.d && again.g == replicas.g,
+            "the undone attempt left nothing behind"
+        );
+    }
+    for w in workers.iter_mut() {
+        assert_eq!(answer_evaluate(w, 1, (1.4, 1.4, 1.6), replicas.crc()).await, 2);
+    }
+    assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
+    // Shard 1 still sends its NaN; it is ignored, and the update is the mean of 0 and 2.
     phase(
         &mut workers,
-        (1, 1),
+        (1, 2),
         pb::Phase::Discriminator,
         &mut d,
         &mut replicas.bn,
@@ -542,7 +575,7 @@ async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
     .await;
     phase(
         &mut workers,
-        (1, 1),
+        (1, 2),
         pb::Phase::Generator,
         &mut g,
         &mut replicas.bn,
@@ -551,9 +584,12 @@ async fn a_nan_gradient_is_dropped_and_the_others_are_applied() {
     .await;
     answer_samples(&mut workers[0], 1).await;
     let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
-    assert_eq!((summary.step, summary.evictions), (1, 0));
+    assert_eq!((summary.step, summary.evictions, summary.retries), (1, 0, 1));
     let metrics = metric_lines(run.path());
-    assert_eq!(metrics[0]["dropped"], 1);
+    assert_eq!(
+        (metrics[0]["dropped"].as_u64(), metrics[0]["attempts"].as_u64()),
+        (Some(1), Some(2))
+    );
     let dropped = events(run.path(), "dropped");
     assert_eq!(dropped.len(), 1);
     assert_eq!(

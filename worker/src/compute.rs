@@ -77,6 +77,9 @@ struct Worker {
     outbound: mpsc::Sender<pb::WorkerMessage>,
     current: Option<Current>,
     download: Option<Download>,
+    /// The buffer of the last finished download, kept so the next one does not allocate and
+    /// page-fault a fresh 17 MB every phase.
+    spare: Vec<f32>,
     d_len: usize,
     g_len: usize,
 }
@@ -98,6 +101,7 @@ pub fn run(
         outbound,
         current: None,
         download: None,
+        spare: Vec::new(),
         d_len,
         g_len,
     };
@@ -163,10 +167,21 @@ impl Worker {
             Net::Discriminator => self.d_len,
             Net::Generator => self.g_len,
         };
-        let download = self.download.get_or_insert_with(|| Download {
-            net,
-            values: vec![0.0; len],
-            received: 0,
+        if chunk.offset == 0 {
+            // A new download; one in progress was from an attempt the coordinator undid.
+            if let Some(abandoned) = self.download.take() {
+                self.spare = abandoned.values;
+            }
+        }
+        let spare = &mut self.spare;
+        let download = self.download.get_or_insert_with(|| {
+            let mut values = std::mem::take(spare);
+            values.resize(len, 0.0);
+            Download {
+                net,
+                values,
+                received: 0,
+            }
         });
         let count = chunk.values.len() / 4;
         if download.net != net || chunk.offset as usize != download.received || download.received + count > len {
@@ -191,6 +206,7 @@ impl Worker {
             )));
         }
         self.replica.set_params(net, &download.values)?;
+        self.spare = download.values;
         self.replica.set_batch_norm_running(&chunk.bn_running_stats)?;
         if net == Net::Discriminator
             && let Some(current) = &self.current
@@ -310,6 +326,7 @@ impl Worker {
                 samples,
             } = contribution;
             let chunks = gradient.len().div_ceil(CHUNK_VALUES).max(1);
+            let bytes = wire::f32_bytes(&gradient);
             let mut bn_stats = Some(bn_stats);
             for c in 0..chunks {
                 if phase == pb::Phase::Discriminator && sent == total_chunks / 2 {
@@ -319,15 +336,13 @@ impl Worker {
                 let start = c * CHUNK_VALUES;
                 let end = ((c + 1) * CHUNK_VALUES).min(gradient.len());
                 let last = c + 1 == chunks;
-                let mut values = Vec::with_capacity((end - start) * 4);
-                wire::f32_to_le_bytes(&gradient[start..end], &mut values);
                 self.send(Out::Gradient(pb::GradientChunk {
                     step,
                     attempt,
                     phase: phase as i32,
                     shard,
                     offset: start as u64,
-                    values: values.into(),
+                    values: bytes.slice(start * 4..end * 4),
                     last,
                     samples: if last { samples as u32 } else { 0 },
                     bn_batch_stats: if last {

@@ -1,0 +1,166 @@
+use super::*;
+use forger_common::wire;
+
+/// Values whose sums depend on the order they are added in.
+fn values(seed: u32, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503));
+            (x % 20_001) as f32 * 1e-3 - 10.0 + seed as f32 * 1e-7
+        })
+        .collect()
+}
+
+fn chunk(values: &[f32], c: usize) -> (usize, Bytes, bool) {
+    let range = chunk_range(c, values.len());
+    let last = c + 1 == chunk_count(values.len());
+    (range.start, wire::f32_bytes(&values[range]), last)
+}
+
+const BN: usize = 3;
+
+fn bn(seed: u32) -> Vec<f32> {
+    vec![seed as f32; BN]
+}
+
+/// Feeds chunks in the given (shard, chunk) order and returns the whole mean.
+fn stream(grads: &[Vec<f32>], samples: &[u32], order: &[(u32, usize)]) -> (Vec<f32>, Vec<f32>) {
+    let len = grads[0].len();
+    let mut mean = StreamingMean::new(len, BN);
+    let shards: Vec<(u32, u32)> = (0..grads.len() as u32).zip(samples.iter().copied()).collect();
+    mean.begin(&shards);
+    let mut completed = 0;
+    for &(shard, c) in order {
+        let (offset, bytes, last) = chunk(&grads[shard as usize], c);
+        let final_part = (samples[shard as usize], if last { bn(shard) } else { Vec::new() });
+        let taken = mean.accept(shard, offset, bytes, last, final_part).unwrap();
+        assert_eq!(taken, Taken::Ok);
+        assert!(mean.complete_chunks() >= completed, "complete chunks only grow");
+        completed = mean.complete_chunks();
+    }
+    assert!(mean.is_complete());
+    (mean.mean(0..len).to_vec(), mean.bn_mean())
+}
+
+#[test]
+fn any_arrival_order_gives_the_bits_of_the_shard_order_mean() {
+    let len = 2 * CHUNK_VALUES + 1000; // three chunks, the last one short
+    let grads: Vec<Vec<f32>> = (0..3).map(|s| values(s + 1, len)).collect();
+    let samples = [16, 16, 8];
+    let mut expected = vec![0.0; len];
+    let weighted: Vec<(&[f32], u32)> = grads.iter().map(Vec::as_slice).zip(samples).collect();
+    weighted_average(&weighted, &mut expected);
+    let mut reversed = vec![0.0; len];
+    let backwards: Vec<(&[f32], u32)> = weighted.iter().rev().copied().collect();
+    weighted_average(&backwards, &mut reversed);
+    assert_ne!(expected, reversed, "the test values are order-sensitive");
+
+    let in_order: Vec<(u32, usize)> = (0..3).flat_map(|s| (0..3).map(move |c| (s, c))).collect();
+    let last_shard_first: Vec<(u32, usize)> = [2, 1, 0].iter().flat_map(|&s| (0..3).map(move |c| (s, c))).collect();
+    let interleaved = vec![(1, 0), (2, 0), (1, 1), (0, 0), (2, 1), (0, 1), (0, 2), (2, 2), (1, 2)];
+    for order in [in_order, last_shard_first, interleaved] {
+        let (mean, bn_mean) = stream(&grads, &samples, &order);
+        assert!(
+            mean == expected,
+            "streamed mean equals weighted_average bit for bit ({order:?})"
+        );
+        assert_eq!(bn_mean, vec![(0.0 * 16.0 + 1.0 * 16.0 + 2.0 * 8.0) / 40.0; BN]);
+    }
+}
+
+#[test]
+fn a_chunk_completes_only_when_every_shard_delivered_it() {
+    let len = CHUNK_VALUES + 10;
+    let grads: Vec<Vec<f32>> = (0..2).map(|s| values(s, len)).collect();
+    let mut mean = StreamingMean::new(len, BN);
+    mean.begin(&[(0, 4), (1, 4)]);
+    let (o, b, l) = chunk(&grads[1], 0);
+    mean.accept(1, o, b, l, (4, Vec::new())).unwrap();
+    assert_eq!(mean.complete_chunks(), 0, "shard 1 waits for shard 0");
+    let (o, b, l) = chunk(&grads[0], 0);
+    mean.accept(0, o, b, l, (4, Vec::new())).unwrap();
+    assert_eq!(mean.complete_chunks(), 1);
+    assert_eq!(mean.unfinished().collect::<Vec<_>>(), vec![0, 1]);
+    let (o, b, l) = chunk(&grads[0], 1);
+    mean.accept(0, o, b, l, (4, bn(0))).unwrap();
+    assert_eq!(mean.unfinished().collect::<Vec<_>>(), vec![1]);
+    assert!(!mean.is_complete());
+}
+
+#[test]
+fn a_non_finite_value_names_its_shard_even_when_it_waited_for_its_turn() {
+    let len = 100;
+    let good = values(1, len);
+    let mut bad = values(2, len);
+    bad[7] = f32::INFINITY;
+    let mut mean = StreamingMean::new(len, BN);
+    mean.begin(&[(0, 2), (1, 2)]);
+    // Shard 1's chunk arrives first and is held; it is checked when summed.
+    let (o, b, l) = chunk(&bad, 0);
+    assert_eq!(mean.accept(1, o, b, l, (2, bn(1))).unwrap(), Taken::Ok);
+    let (o, b, l) = chunk(&good, 0);
+    assert_eq!(
+        mean.accept(0, o, b, l, (2, bn(0))).unwrap(),
+        Taken::NonFinite { shard: 1 }
+    );
+
+    mean.begin(&[(0, 2)]);
+    let (o, b, l) = chunk(&good, 0);
+    assert_eq!(
+        mean.accept(0, o, b, l, (2, vec![f32::NAN; BN])).unwrap(),
+        Taken::NonFinite { shard: 0 },
+        "batch-norm statistics are checked too"
+    );
+}
+
+#[test]
+fn malformed_uploads_are_refused() {
+    let len = CHUNK_VALUES + 4;
+    let g = values(3, len);
+    let mut mean = StreamingMean::new(len, BN);
+    mean.begin(&[(0, 2)]);
+    let (_, first, _) = chunk(&g, 0);
+    let (_, second, _) = chunk(&g, 1);
+    assert_eq!(
+        mean.accept(0, 4, first.clone(), false, (2, vec![])),
+        Err(ChunkError::OutOfOrder { expected: 0, found: 4 })
+    );
+    assert_eq!(
+        mean.accept(0, 0, first.slice(0..8), false, (2, vec![])),
+        Err(ChunkError::WrongSize {
+            chunk: 0,
+            expected: CHUNK_VALUES,
+            found: 2
+        })
+    );
+    assert_eq!(
+        mean.accept(0, 0, first.slice(0..6), false, (2, vec![])),
+        Err(ChunkError::Misaligned)
+    );
+    assert_eq!(
+        mean.accept(0, 0, first.clone(), true, (2, bn(0))),
+        Err(ChunkError::LastFlag { chunk: 0, chunks: 2 })
+    );
+    assert_eq!(
+        mean.accept(5, 0, first.clone(), false, (2, vec![])),
+        Err(ChunkError::NotAveraged)
+    );
+    mean.accept(0, 0, first.clone(), false, (2, vec![])).unwrap();
+    assert_eq!(
+        mean.accept(0, CHUNK_VALUES, second.clone(), true, (3, bn(0))),
+        Err(ChunkError::FinalChunk {
+            samples: 3,
+            expected_samples: 2,
+            bn: BN,
+            expected_bn: BN
+        })
+    );
+    mean.accept(0, CHUNK_VALUES, second.clone(), true, (2, bn(0))).unwrap();
+    assert!(mean.is_complete());
+    assert_eq!(
+        mean.accept(0, CHUNK_VALUES, second, true, (2, bn(0))),
+        Err(ChunkError::AfterEnd)
+    );
+}
