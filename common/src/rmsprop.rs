@@ -45,12 +45,34 @@ impl RmsProp {
             mean_square.len(),
             "optimizer state length differs from parameters"
         );
-        let keep = 1.0 - self.decay;
         for ((w, ms), &grad) in params.iter_mut().zip(mean_square.iter_mut()).zip(grads) {
-            let g = grad + self.l2 * *w;
-            *ms += (g * g - *ms) * keep;
-            *w -= self.lr * g / (*ms + self.epsilon).sqrt();
+            (*w, *ms) = self.step(*w, *ms, grad);
         }
+    }
+
+    /// [`RmsProp::apply`] writing the new parameters and mean square to separate buffers, with
+    /// the same bits: the coordinator keeps the old state as its undo copy this way instead
+    /// of copying it first.
+    pub fn apply_into(&self, params: &[f32], mean_square: &[f32], grads: &[f32], out: (&mut [f32], &mut [f32])) {
+        let (new_params, new_mean_square) = out;
+        assert!(
+            [mean_square.len(), grads.len(), new_params.len(), new_mean_square.len()]
+                .iter()
+                .all(|&n| n == params.len()),
+            "optimizer buffers differ in length"
+        );
+        let old = params.iter().zip(mean_square).zip(grads);
+        for (((&w, &ms), &grad), (new_w, new_ms)) in old.zip(new_params.iter_mut().zip(new_mean_square.iter_mut())) {
+            (*new_w, *new_ms) = self.step(w, ms, grad);
+        }
+    }
+
+    /// One variable's update: `(w, ms)` after a step with gradient `grad`.
+    #[inline]
+    fn step(&self, w: f32, ms: f32, grad: f32) -> (f32, f32) {
+        let g = grad + self.l2 * w;
+        let ms = ms + (g * g - ms) * (1.0 - self.decay);
+        (w - self.lr * g / (ms + self.epsilon).sqrt(), ms)
     }
 }
 
@@ -92,6 +114,19 @@ mod tests {
         assert!((ms[0] as f64 - ms_expected).abs() < 1e-7, "{}", ms[0]);
         assert!((w[0] as f64 - w_expected).abs() < 1e-7, "{} vs {w_expected}", w[0]);
         assert!((w[0] - 0.499_978_96).abs() < 1e-7);
+    }
+
+    #[test]
+    fn applying_into_new_buffers_gives_the_bits_of_applying_in_place() {
+        let opt = article(2e-4);
+        let params: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mean_square: Vec<f32> = (0..1000).map(|i| 0.5 + (i % 13) as f32 * 0.1).collect();
+        let grads: Vec<f32> = (0..1000).map(|i| (i as f32 * 1.3).cos() * 1e-2).collect();
+        let (mut w, mut ms) = (params.clone(), mean_square.clone());
+        opt.apply(&mut w, &mut ms, &grads);
+        let (mut new_w, mut new_ms) = (vec![0.0; 1000], vec![0.0; 1000]);
+        opt.apply_into(&params, &mean_square, &grads, (&mut new_w, &mut new_ms));
+        assert_eq!((new_w, new_ms), (w, ms));
     }
 
     #[test]

@@ -59,14 +59,17 @@ const DIVERGED_AFTER: u32 = 10;
 /// scheduling hiccup look like a stuck worker.
 const STALL_FLOOR: Duration = Duration::from_secs(10);
 
-/// One network's optimizer, the streamed mean of the uploads towards it, and a copy of its
-/// state from before this step's update (buffers allocated once and reused every step).
+/// One network's optimizer, the streamed mean of the uploads towards it, and the buffers its
+/// next state is written to (allocated once and reused every step).
 #[derive(Debug)]
 struct NetSlot {
     optimizer: RmsProp,
     mean: StreamingMean,
-    undo: NetState,
-    /// Set once `undo` holds the state from before this step's update.
+    /// The update writes here while the master copy stays as it was; once every chunk is
+    /// done the two swap, and `next` holds the state from before the update: the undo copy,
+    /// made without copying.
+    next: NetState,
+    /// Set once this step's update swapped `next` and the master copy.
     updated: bool,
 }
 
@@ -75,7 +78,7 @@ impl NetSlot {
         NetSlot {
             optimizer,
             mean: StreamingMean::new(len, bn_len),
-            undo: NetState {
+            next: NetState {
                 params: vec![0.0; len],
                 mean_square: vec![0.0; len],
             },
@@ -369,12 +372,11 @@ impl Trainer {
             }
             self.state.batch_norm = bn_before;
             for (slot, master) in [
-                (&self.d, &mut self.state.discriminator),
-                (&self.g, &mut self.state.generator),
+                (&mut self.d, &mut self.state.discriminator),
+                (&mut self.g, &mut self.state.generator),
             ] {
                 if slot.updated {
-                    master.params.copy_from_slice(&slot.undo.params);
-                    master.mean_square.copy_from_slice(&slot.undo.mean_square);
+                    std::mem::swap(master, &mut slot.next);
                 }
             }
         }
@@ -721,13 +723,7 @@ impl Trainer {
             warn!(step, phase, "no finite gradient: the network is not updated this step");
             return self.broadcast_params(net, step, &ids, deadline).await;
         }
-        {
-            let (slot, master) = self.slot_and_master(net);
-            slot.undo.params.copy_from_slice(&master.params);
-            slot.undo.mean_square.copy_from_slice(&master.mean_square);
-            slot.updated = true;
-            slot.mean.begin(averaged);
-        }
+        self.slot(net).mean.begin(averaged);
         let mut sent = 0;
         loop {
             let chunks = self.slot(net).mean.chunks();
@@ -792,28 +788,29 @@ impl Trainer {
         }
     }
 
-    fn slot_and_master(&mut self, net: Net) -> (&mut NetSlot, &mut NetState) {
-        match net {
-            Net::Discriminator => (&mut self.d, &mut self.state.discriminator),
-            Net::Generator => (&mut self.g, &mut self.state.generator),
-        }
-    }
-
-    /// Applies RMSProp to one complete chunk of the mean (and, with the final chunk, the
-    /// batch-norm running averages) and returns the chunk of new parameters to broadcast.
+    /// Applies RMSProp to one complete chunk of the mean, into the slot's `next` buffers, and
+    /// returns the chunk of new parameters to broadcast. After the final chunk the new state
+    /// becomes the master copy and the batch-norm running averages are updated.
     fn apply_chunk(&mut self, net: Net, step: u64, chunk: usize) -> pb::CoordinatorMessage {
         let (slot, master) = match net {
             Net::Discriminator => (&mut self.d, &mut self.state.discriminator),
             Net::Generator => (&mut self.g, &mut self.state.generator),
         };
         let range = slot.mean.range(chunk);
-        slot.optimizer.apply(
-            &mut master.params[range.clone()],
-            &mut master.mean_square[range.clone()],
+        slot.optimizer.apply_into(
+            &master.params[range.clone()],
+            &master.mean_square[range.clone()],
             slot.mean.mean(range.clone()),
+            (
+                &mut slot.next.params[range.clone()],
+                &mut slot.next.mean_square[range.clone()],
+            ),
         );
+        let values = wire::f32_bytes(&slot.next.params[range.clone()]);
         let last = chunk + 1 == slot.mean.chunks();
         if last {
+            std::mem::swap(master, &mut slot.next);
+            slot.updated = true;
             // Every phase ran the generator in training mode, as each TF1 update op did, so
             // each updates the running statistics with the cluster's batch statistics.
             update_moving_average(&mut self.state.batch_norm, &slot.mean.bn_mean(), BATCH_NORM_DECAY);
@@ -822,7 +819,7 @@ impl Trainer {
             step,
             net.network(),
             range.start,
-            wire::f32_bytes(&master.params[range]),
+            values,
             last.then(|| self.state.batch_norm.clone()),
         )
     }

@@ -3,6 +3,7 @@
 //! worker that speaks the protocol with gradients the test chooses, and real worker and
 //! coordinator processes for fault tests.
 
+pub mod exchange;
 pub mod fake_worker;
 pub mod processes;
 pub mod reference;

@@ -288,6 +288,7 @@ async fn connect(url: &str, patience: Duration) -> Result<Channel> {
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(wire::STREAM_WINDOW))
         .initial_connection_window_size(Some(wire::CONNECTION_WINDOW))
+        .max_frame_size(Some(wire::MAX_FRAME))
         .connect_timeout(Duration::from_secs(5))
         // A coordinator host that vanishes without closing the connection is noticed within
         // seconds rather than when the kernel gives up on the socket.
