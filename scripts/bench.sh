@@ -1,29 +1,46 @@
 #!/usr/bin/env bash
-# Training throughput, side by side in one run on this machine: forger with 1 and 2 local
-# workers against the same loop in one process with no coordinator (`forger-worker bench`),
-# for the small and the article model, with equal total libtorch threads. Prints a markdown
-# table and writes it to docs/BENCHMARKS.md between the markers.
-#   FORGER_BENCH_THREADS (total threads, default 2), FORGER_BENCH_STEPS_SMALL (30),
-#   FORGER_BENCH_STEPS_ARTICLE (8), FORGER_BENCH_DATA (../shared/data/faces)
+# Issue 4's benchmarks, side by side in one run on this machine, written to docs/BENCHMARKS.md
+# between the markers (and printed):
+#  1. training throughput: the plain loop in one process (`forger-worker bench`), forger with
+#     1 and 2 local workers, and PyTorch DDP (gloo, CPU; scripts/ddp_bench.py) with the same
+#     model, batch, worker count and total libtorch threads, for the small and article models;
+#  2. the exchange alone: fake worker processes against a real coordinator, beside a plain
+#     TCP copy of the same bytes (`forger-exchange allreduce`);
+#  3. the coordinator's update against the machine's memory bandwidth (`forger-exchange
+#     reduce-cost`);
+#  4. peak resident memory of the coordinator and the workers (GNU time) for 10,000 and
+#     100,000 images of the article model.
+# Settings (environment): FORGER_BENCH_THREADS (total threads, default 2),
+#   FORGER_BENCH_STEPS_SMALL (30), FORGER_BENCH_STEPS_ARTICLE (8), FORGER_BENCH_DATA
+#   (../shared/data/faces), FORGER_BENCH_DEVICE (cpu; `cuda` on a GPU machine, where the DDP
+#   column and the CPU-only sections are left out), FORGER_BENCH_SECTIONS (all four:
+#   "throughput exchange reduce memory").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >&2
 source scripts/env.sh
 bin="${CARGO_TARGET_DIR:-target}/release"
 threads="${FORGER_BENCH_THREADS:-2}"
+device="${FORGER_BENCH_DEVICE:-cpu}"
 data="$(realpath "${FORGER_BENCH_DATA:-../shared/data/faces}")"
+sections="${FORGER_BENCH_SECTIONS:-throughput exchange reduce memory}"
+if [ "$device" != cpu ]; then sections="throughput"; fi
+python="$FORGER_VENV/bin/python"
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$work"' EXIT
 
-spec() { # name filters steps shards
-  cat > "$work/$1.toml" <<SPEC
+small="64,32,16"
+article="256,128,64"
+
+spec() { # file filters steps shards limit
+  cat > "$1" <<SPEC
 version = 1
 [data]
 path = "$data"
-limit = 2000
+limit = $5
 [model]
-d_filters = $2
-g_filters = $2
+d_filters = [$2]
+g_filters = [$2]
 dropout = 0.0
 [train]
 steps = $3
@@ -34,56 +51,193 @@ workers = $4
 every = 100000
 samples = 16
 SPEC
-  echo "$work/$1.toml"
+}
+
+json() { # field, from the JSON on stdin
+  python3 -c "import json, sys; print(json.load(sys.stdin)$1)"
 }
 
 # Mean seconds per step, leaving out the first (allocations, kernel loading), from a run
-# directory's metrics.jsonl; and images per second over the same steps.
-cluster_rate() {
+# directory's metrics.jsonl.
+cluster_step() {
   python3 - "$1" <<'PY'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")][1:]
-secs = sum(l["seconds"] for l in lines)
-print(f'{secs / len(lines):.4f} {sum(l["images"] for l in lines) / secs:.2f}')
+print(f'{sum(l["seconds"] for l in lines) / len(lines):.4f}')
 PY
 }
 
-rows=()
-for model in small article; do
-  if [ "$model" = small ]; then filters="[64, 32, 16]"; steps="${FORGER_BENCH_STEPS_SMALL:-30}"
-  else filters="[256, 128, 64]"; steps="${FORGER_BENCH_STEPS_ARTICLE:-8}"; fi
-  for workers in 1 2; do
-    s=$(spec "$model-$workers" "$filters" "$steps" "$workers")
-    single=$("$bin/forger-worker" bench --spec "$s" --steps "$steps" --threads "$threads" --device cpu 2>/dev/null)
-    single_step=$(python3 -c "import json,sys; print(f'{json.loads(sys.argv[1])[\"mean_step_seconds\"]:.4f}')" "$single")
-    single_rate=$(python3 -c "import json,sys; print(f'{json.loads(sys.argv[1])[\"images_per_second\"]:.2f}')" "$single")
-    per_worker=$((threads / workers)); [ "$per_worker" -ge 1 ] || per_worker=1
-    "$bin/forger-coordinator" --spec "$s" --out "$work/run-$model-$workers" --listen 127.0.0.1:0 \
-      --local-workers "$workers" --local-worker-threads "$per_worker" --local-worker-device cpu 2>/dev/null
-    read -r cluster_step cluster_rate_value < <(cluster_rate "$work/run-$model-$workers")
-    overhead=$(python3 -c "print(f'{($cluster_step / $single_step - 1) * 100:+.1f}%')")
-    rows+=("| $model | $((steps - 1)) | $workers x $per_worker | $single_step | $single_rate | $cluster_step | $cluster_rate_value | $overhead |")
-    echo "measured $model, $workers worker(s)" >&2
+ratio() { python3 -c "print(f'{($1 / $2 - 1) * 100:+.1f}%')"; }
+rate() { python3 -c "print(f'{$1 * 16 / $2:.2f}')"; } # shards, seconds per step
+
+out=""
+add() { out+="$1"$'\n'; }
+
+add "Measured $(date -u +%Y-%m-%d) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),"
+add "$(free -g | awk '/Mem:/ {print $2}') GiB memory, device $device, torch $FORGER_TORCH_VERSION, $("$bin/forger-coordinator" --version)."
+
+if [[ " $sections " == *" throughput "* ]]; then
+  add ""
+  add "### Training throughput"
+  add ""
+  add "Batch 16 per worker, dropout 0, $threads libtorch threads in total in every column, first step left out."
+  add ""
+  add "| model | workers x threads | single process s/step | forger s/step | DDP s/step | forger images/s | DDP images/s | forger vs single process | forger vs DDP (time) |"
+  add "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for model in small article; do
+    if [ "$model" = small ]; then filters="$small"; steps="${FORGER_BENCH_STEPS_SMALL:-30}"
+    else filters="$article"; steps="${FORGER_BENCH_STEPS_ARTICLE:-8}"; fi
+    for workers in 1 2; do
+      s="$work/$model-$workers.toml"
+      spec "$s" "$filters" "$steps" "$workers" 2000
+      per_worker=$((threads / workers)); [ "$per_worker" -ge 1 ] || per_worker=1
+      single=$("$bin/forger-worker" bench --spec "$s" --steps "$steps" --threads "$threads" --device "$device" 2>/dev/null \
+        | json '["mean_step_seconds"]')
+      single=$(printf '%.4f' "$single")
+      "$bin/forger-coordinator" --spec "$s" --out "$work/run-$model-$workers" --listen 127.0.0.1:0 \
+        --local-workers "$workers" --local-worker-threads "$per_worker" --local-worker-device "$device" 2>/dev/null
+      forger=$(cluster_step "$work/run-$model-$workers")
+      if [ "$device" = cpu ]; then
+        ddp=$("$python" scripts/ddp_bench.py --workers "$workers" --threads "$per_worker" --steps "$steps" \
+          --filters "$filters" 2>/dev/null | json '["mean_step_seconds"]')
+        ddp=$(printf '%.4f' "$ddp")
+        ddp_rate=$(rate "$workers" "$ddp"); vs_ddp=$(ratio "$forger" "$ddp")
+      else
+        ddp="n/a"; ddp_rate="n/a"; vs_ddp="n/a"
+      fi
+      add "| $model | $workers x $per_worker | $single | $forger | $ddp | $(rate "$workers" "$forger") | $ddp_rate | $(ratio "$forger" "$single") | $vs_ddp |"
+      echo "measured throughput: $model, $workers worker(s)" >&2
+    done
   done
-done
+fi
 
-table="$(cat <<TABLE
-Measured $(date -u +%Y-%m-%d) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')),
-torch $FORGER_TORCH_VERSION, batch 16 per shard, dropout 0, $threads libtorch threads in total
-in every row, first step left out, $("$bin/forger-coordinator" --version).
-
-| model | steps timed | workers x threads | single process s/step | single process images/s | forger s/step | forger images/s | forger vs single process |
-| --- | --- | --- | --- | --- | --- | --- | --- |
-$(printf '%s\n' "${rows[@]}")
-TABLE
+if [[ " $sections " == *" exchange "* ]]; then
+  add ""
+  add "### The exchange alone"
+  add ""
+  add "Fake worker processes (no libtorch) upload every network's gradient and take the broadcast"
+  add "back through a real coordinator, both networks every step; the TCP row copies the same bytes"
+  add "each way over loopback with plain sockets. 20 steps, first left out."
+  add ""
+  add "| model | workers | MB each way per worker | forger ms/step | forger GB/s | TCP ms/round | TCP GB/s | forger / TCP |"
+  add "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  for model in small article; do
+    if [ "$model" = small ]; then filters="$small"; else filters="$article"; fi
+    for workers in 1 2; do
+      "$bin/forger-exchange" allreduce --workers "$workers" --steps 20 --filters "$filters" --data "$data" \
+        > "$work/exchange.json" 2>/dev/null
+      add "$(python3 - "$work/exchange.json" "$model" "$workers" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+e, t = r["exchange"], r["tcp"]
+mb = e["gradient_bytes_per_step"] / e["workers"] / 1e6
+print(f'| {sys.argv[2]} | {sys.argv[3]} | {mb:.1f} | {e["mean_step_s"] * 1e3:.1f} | {e["gb_per_s"]:.2f} | '
+      f'{t["mean_round_s"] * 1e3:.1f} | {t["gb_per_s"]:.2f} | {r["exchange_vs_tcp"]:.2f} |')
+PY
 )"
-echo "$table"
-python3 - "$table" <<'PY'
+      echo "measured the exchange: $model, $workers worker(s)" >&2
+    done
+  done
+fi
+
+if [[ " $sections " == *" reduce "* ]]; then
+  add ""
+  add "### The coordinator's update"
+  add ""
+  add "\`forger_common::average::update_network\` (shard-order mean, RMSProp, batch-norm averages)"
+  add "on 2 shards' gradients, one thread, median of 20; bytes touched = (2 gradients read + parameters"
+  add "and mean square read and written + the mean written) x 4. Memory bandwidth: a 256 MB copy."
+  add ""
+  add "| model | network | values | ms | GB/s touched | memory copy GB/s (read + write) | fraction |"
+  add "| --- | --- | --- | --- | --- | --- | --- |"
+  for model in small article; do
+    if [ "$model" = small ]; then filters="$small"; else filters="$article"; fi
+    "$bin/forger-exchange" reduce-cost --workers 2 --filters "$filters" > "$work/reduce.json" 2>/dev/null
+    add "$(python3 - "$work/reduce.json" "$model" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+copy = r["memory_copy"]["gb_per_s_read_plus_write"]
+for net in ("discriminator", "generator"):
+    u = r["update_network"][net]
+    print(f'| {sys.argv[2]} | {net} | {u["values"]:,} | {u["median_s"] * 1e3:.2f} | {u["gb_per_s"]:.1f} | '
+          f'{copy:.1f} | {u["gb_per_s"] / copy:.2f} |')
+PY
+)"
+  done
+  echo "measured the update" >&2
+fi
+
+if [[ " $sections " == *" memory "* ]]; then
+  add ""
+  add "### Peak resident memory"
+  add ""
+  add "The article model, 2 worker processes of 1 thread, 3 steps, peak RSS from GNU time. The"
+  add "prepared dataset is 40 x 40 x 3 bytes per image; one copy of the parameters is 21.5 MB. The"
+  add "bound is issue 4's: twice (prepared dataset + 3 copies of the parameters: master,"
+  add "optimizer state, one reduce buffer). The single-process loop on 64 images is libtorch's"
+  add "baseline with the model and its activations."
+  add ""
+  s="$work/baseline.toml"
+  spec "$s" "$article" 3 1 64
+  /usr/bin/time -f '%M' -o "$work/baseline.rss" "$bin/forger-worker" bench --spec "$s" --steps 3 --threads 1 \
+    --device cpu >/dev/null 2>&1
+  baseline=$(( $(tail -1 "$work/baseline.rss") / 1024 ))
+  add "| images | coordinator peak MB | prepared dataset MB | bound MB | worker peak MB (each) | shard MB per worker | single-process loop, 64 images, MB |"
+  add "| --- | --- | --- | --- | --- | --- | --- |"
+  for images in 10000 100000; do
+    folder="$work/faces-$images"
+    mkdir -p "$folder"
+    # The shared faces, linked over and over under new names: real images, no copies on disk.
+    python3 - "$data" "$folder" "$images" <<'PY'
+import os, sys
+source, folder, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+files = sorted(f for f in os.listdir(source) if not f.startswith("."))
+for i in range(count):
+    name = files[i % len(files)]
+    os.symlink(os.path.join(source, name), os.path.join(folder, f"{i:06d}-{name}"))
+PY
+    s="$work/memory-$images.toml"
+    spec "$s" "$article" 3 2 0
+    sed -i "s|^path = .*|path = \"$folder\"|" "$s"
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    /usr/bin/time -f '%M' -o "$work/coordinator.rss" "$bin/forger-coordinator" --spec "$s" \
+      --out "$work/run-memory-$images" --listen "127.0.0.1:$port" 2>"$work/coordinator.log" &
+    coordinator=$!
+    for w in 1 2; do
+      /usr/bin/time -f '%M' -o "$work/worker-$w.rss" "$bin/forger-worker" --coordinator "http://127.0.0.1:$port" \
+        --threads 1 --device cpu 2>"$work/worker-$w.log" &
+    done
+    if ! wait "$coordinator"; then
+      echo "the memory run with $images images failed:" >&2
+      tail -20 "$work/coordinator.log" >&2
+      exit 1
+    fi
+    wait
+    coordinator_mb=$(( $(tail -1 "$work/coordinator.rss") / 1024 ))
+    workers_mb="$(( $(tail -1 "$work/worker-1.rss") / 1024 )), $(( $(tail -1 "$work/worker-2.rss") / 1024 ))"
+    add "$(python3 - "$images" "$coordinator_mb" "$workers_mb" "$baseline" <<'PY'
+import sys
+images, coordinator, workers, baseline = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dataset = images * 40 * 40 * 3 / 1e6
+params = (4_320_705 + 1_049_763) * 4 / 1e6
+bound = 2 * (dataset + 3 * params)
+print(f"| {images:,} | {coordinator} | {dataset:.0f} | {bound:.0f} | {workers} | {dataset / 2:.0f} | {baseline} |")
+PY
+)"
+    rm -rf "$folder" "$work/run-memory-$images"
+    echo "measured memory: $images images" >&2
+  done
+fi
+
+echo "$out"
+if [ "$device" = cpu ]; then
+  python3 - "$out" <<'PY'
 import re, sys
 path = "docs/BENCHMARKS.md"
 text = open(path).read()
 begin, end = "<!-- bench.sh: begin -->", "<!-- bench.sh: end -->"
-new = f"{begin}\n{sys.argv[1]}\n{end}"
+new = f"{begin}\n{sys.argv[1].rstrip()}\n{end}"
 text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: new, text, flags=re.S)
 open(path, "w").write(text)
 PY
+fi

@@ -17,6 +17,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Like [`write_atomic`], calling `before_rename` once the temporary file is durable. Tests use
 /// the hook to stop a process at the worst moment.
 pub fn write_atomic_with_hook(path: &Path, bytes: &[u8], before_rename: impl FnOnce()) -> Result<()> {
+    write_atomic_via(
+        path,
+        |tmp| {
+            let mut file = File::create(tmp).map_err(|e| create_error(tmp, e))?;
+            file.write_all(bytes)
+                .map_err(|e| Error::file("failed to write", tmp, e))
+        },
+        before_rename,
+    )
+}
+
+/// Like [`write_atomic_with_hook`] for content that `write` streams into the temporary file
+/// it is given (creating it), so the whole content never has to sit in memory at once.
+pub fn write_atomic_via(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+    before_rename: impl FnOnce(),
+) -> Result<()> {
     // A bare file name has an empty parent, which names no directory to fsync.
     let dir = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -27,17 +45,16 @@ pub fn write_atomic_with_hook(path: &Path, bytes: &[u8], before_rename: impl FnO
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp"));
-    {
-        let mut file = File::create(&tmp).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::file("no such folder to write into:", dir, e)
-            } else {
-                Error::file("failed to create", &tmp, e)
-            }
-        })?;
-        file.write_all(bytes)
-            .map_err(|e| Error::file("failed to write", &tmp, e))?;
-        file.sync_all().map_err(|e| Error::file("failed to fsync", &tmp, e))?;
+    let written = write(&tmp).and_then(|()| {
+        let file = File::options()
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| Error::file("failed to reopen", &tmp, e))?;
+        file.sync_all().map_err(|e| Error::file("failed to fsync", &tmp, e))
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
     before_rename();
     if let Err(e) = fs::rename(&tmp, path) {
@@ -50,6 +67,16 @@ pub fn write_atomic_with_hook(path: &Path, bytes: &[u8], before_rename: impl FnO
         .sync_all()
         .map_err(|e| Error::file("failed to fsync directory", dir, e))?;
     Ok(())
+}
+
+/// The error of creating `tmp`, naming the folder when that is what is missing.
+pub fn create_error(tmp: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        let dir = tmp.parent().unwrap_or(Path::new("."));
+        Error::file("no such folder to write into:", dir, e)
+    } else {
+        Error::file("failed to create", tmp, e)
+    }
 }
 
 #[cfg(test)]

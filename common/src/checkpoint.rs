@@ -140,44 +140,74 @@ fn crc_of<'a>(parts: impl Iterator<Item = &'a [u8]>) -> u32 {
     hasher.finalize()
 }
 
-/// Serialises the state to safetensors bytes.
-pub fn encode(spec: &JobSpec, state: &TrainingState) -> Vec<u8> {
-    let named = tensors(spec, state);
-    let bytes: Vec<Vec<u8>> = named
-        .iter()
-        .map(|t| {
-            let mut b = Vec::with_capacity(t.values.len() * 4);
-            crate::wire::f32_to_le_bytes(t.values, &mut b);
-            b
-        })
-        .collect();
-    let crc = crc_of(bytes.iter().map(Vec::as_slice));
+/// The state's tensors as safetensors views of their own memory, and the checkpoint's metadata.
+fn views<'a>(spec: &JobSpec, named: &'a [Named<'a>]) -> (Vec<(String, TensorView<'a>)>, HashMap<String, String>) {
+    // The tensors' own memory is their little-endian bytes (see `wire`): views, not copies.
+    let bytes: Vec<&[u8]> = named.iter().map(|t| bytemuck::cast_slice(t.values)).collect();
+    let crc = crc_of(bytes.iter().copied());
     let mut metadata = HashMap::new();
     metadata.insert("format".to_string(), FORMAT.to_string());
-    metadata.insert("step".to_string(), state.step.to_string());
-    metadata.insert("spec".to_string(), spec.to_toml());
-    metadata.insert(
-        "samplers".to_string(),
-        serde_json::to_string(&state.samplers).expect("sampler states serialise"),
-    );
-    metadata.insert("dataset_len".to_string(), state.dataset_len.to_string());
     metadata.insert("crc32".to_string(), crc.to_string());
-    let views: Vec<(String, TensorView<'_>)> = named
+    metadata.insert("spec".to_string(), spec.to_toml());
+    let views = named
         .iter()
-        .zip(&bytes)
+        .zip(bytes)
         .map(|(t, b)| {
             let view = TensorView::new(Dtype::F32, t.shape.clone(), b).expect("shape matches byte length");
             (t.name.clone(), view)
         })
         .collect();
+    (views, metadata)
+}
+
+fn state_metadata(state: &TrainingState, metadata: &mut HashMap<String, String>) {
+    metadata.insert("step".to_string(), state.step.to_string());
+    metadata.insert(
+        "samplers".to_string(),
+        serde_json::to_string(&state.samplers).expect("sampler states serialise"),
+    );
+    metadata.insert("dataset_len".to_string(), state.dataset_len.to_string());
+}
+
+/// Serialises the state to safetensors bytes.
+pub fn encode(spec: &JobSpec, state: &TrainingState) -> Vec<u8> {
+    let named = tensors(spec, state);
+    let (views, mut metadata) = views(spec, &named);
+    state_metadata(state, &mut metadata);
     safetensors::serialize(views, Some(metadata)).expect("in-memory safetensors serialisation")
 }
 
-/// Writes a checkpoint atomically.
+/// Writes a checkpoint atomically, streaming the tensors to the file rather than building
+/// the file in memory first (a checkpoint of the article's model is 43 MB).
 pub fn save(path: &Path, spec: &JobSpec, state: &TrainingState) -> Result<()> {
-    atomic::write_atomic_with_hook(path, &encode(spec, state), || {
-        crate::faults::crash_point("checkpoint-before-rename", state.step)
-    })
+    let named = tensors(spec, state);
+    let (views, mut metadata) = views(spec, &named);
+    state_metadata(state, &mut metadata);
+    atomic::write_atomic_via(
+        path,
+        |tmp| {
+            safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| match e {
+                safetensors::SafeTensorError::IoError(io) => atomic::create_error(tmp, io),
+                other => Error::file("failed to write", tmp, std::io::Error::other(other.to_string())),
+            })?;
+            // safetensors creates its file owner-only; checkpoints are read by other users and
+            // containers (and were rw-r--r-- before), so keep them readable.
+            set_readable(tmp)
+        },
+        || crate::faults::crash_point("checkpoint-before-rename", state.step),
+    )
+}
+
+#[cfg(unix)]
+fn set_readable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| Error::file("failed to set the permissions of", path, e))
+}
+
+#[cfg(not(unix))]
+fn set_readable(_: &Path) -> Result<()> {
+    Ok(())
 }
 
 /// Reads and verifies a checkpoint: format, checksum, and every tensor's shape against the
@@ -362,6 +392,29 @@ mod tests {
         let back = load(&path).unwrap();
         assert_eq!(back.state, state);
         assert_eq!(back.spec, spec);
+    }
+
+    #[test]
+    fn the_streamed_file_holds_the_in_memory_encoding_and_is_readable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = small_spec();
+        let state = state(&spec);
+        let path = dir.path().join(file_name(7));
+        save(&path, &spec, &state).unwrap();
+        // The same tensors and metadata as the in-memory encoding (whose header order varies:
+        // safetensors writes the metadata map in hash order).
+        let streamed = load(&path).unwrap();
+        let in_memory = decode(&encode(&spec, &state), &path).unwrap();
+        assert_eq!((streamed.state, streamed.spec), (in_memory.state, in_memory.spec));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
+        let missing = dir.path().join("no-such-folder").join(file_name(7));
+        let error = save(&missing, &spec, &state).unwrap_err().to_string();
+        assert!(error.contains("no such folder to write into"), "{error}");
     }
 
     #[test]

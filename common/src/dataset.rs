@@ -102,38 +102,58 @@ pub fn prepare_image(path: &Path, size: u32) -> std::result::Result<Vec<u8>, Str
     Ok(resized.to_rgb8().into_raw())
 }
 
-/// Loads the dataset, decoding on every core.
+/// Loads the dataset, decoding on every core straight into one buffer of the final size (each
+/// thread fills its own slice of it), so loading costs no more memory than the dataset.
 pub fn load(dir: &Path, size: u32, limit: usize) -> Result<PreparedDataset> {
     let (files, passed_over) = list_images(dir, limit)?;
+    let image_bytes = (size * size * 3) as usize;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(files.len().max(1));
     let per_thread = files.len().div_ceil(threads.max(1)).max(1);
-    let results: Vec<std::result::Result<Vec<u8>, String>> = std::thread::scope(|scope| {
+    let mut pixels = vec![0u8; files.len() * image_bytes];
+    let failures: Vec<Option<String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = files
             .chunks(per_thread)
-            .map(|part| scope.spawn(move || part.iter().map(|f| prepare_image(f, size)).collect::<Vec<_>>()))
+            .zip(pixels.chunks_mut(per_thread * image_bytes))
+            .map(|(part, slots)| {
+                scope.spawn(move || {
+                    part.iter()
+                        .zip(slots.chunks_exact_mut(image_bytes))
+                        .map(|(file, slot)| {
+                            prepare_image(file, size)
+                                .map(|bytes| slot.copy_from_slice(&bytes))
+                                .err()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().expect("image decoding thread panicked"))
             .collect()
     });
+    // Close the gaps the skipped files left, keeping the order of the rest.
     let mut dataset = PreparedDataset {
         image_size: size,
         pixels: Vec::new(),
-        files: Vec::new(),
+        files: Vec::with_capacity(files.len()),
         skipped: passed_over,
     };
-    for (file, result) in files.into_iter().zip(results) {
-        match result {
-            Ok(bytes) => {
-                dataset.pixels.extend_from_slice(&bytes);
+    for (index, (file, failure)) in files.into_iter().zip(failures).enumerate() {
+        match failure {
+            None => {
+                let to = dataset.files.len() * image_bytes;
+                pixels.copy_within(index * image_bytes..(index + 1) * image_bytes, to);
                 dataset.files.push(file);
             }
-            Err(reason) => dataset.skipped.push((file, reason)),
+            Some(reason) => dataset.skipped.push((file, reason)),
         }
     }
+    pixels.truncate(dataset.files.len() * image_bytes);
+    pixels.shrink_to_fit();
+    dataset.pixels = pixels;
     Ok(dataset)
 }
 

@@ -256,12 +256,14 @@ impl Trainer {
             .filter(|p| !p.has_params)
             .map(|p| p.info.id)
             .collect();
-        for &worker in &lacking {
-            for net in [Net::Discriminator, Net::Generator] {
-                if let Err(e) = self.broadcast_params(net, step, &[worker], deadline).await {
-                    self.evict_for(e)?;
-                    return Ok(Round::Again);
-                }
+        // One encoding of each network, shared by every worker that needs it.
+        for net in [Net::Discriminator, Net::Generator] {
+            if lacking.is_empty() {
+                break;
+            }
+            if let Err(e) = self.broadcast_params(net, step, &lacking, deadline).await {
+                self.evict_for(e)?;
+                return Ok(Round::Again);
             }
         }
         while !awaiting.is_empty() {
