@@ -14,7 +14,7 @@
 #   FORGER_BENCH_STEPS_SMALL (30), FORGER_BENCH_STEPS_ARTICLE (8), FORGER_BENCH_DATA
 #   (../shared/data/faces), FORGER_BENCH_DEVICE (cpu; `cuda` on a GPU machine, where the DDP
 #   column and the CPU-only sections are left out), FORGER_BENCH_SECTIONS (all four:
-#   "throughput exchange reduce memory").
+#   "throughput exchange reduce memory"; docs/BENCHMARKS.md is rewritten only by a full CPU run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >&2
@@ -29,8 +29,7 @@ python="$FORGER_VENV/bin/python"
 work="$(mktemp -d)"
 trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$work"' EXIT
 
-small="64,32,16"
-article="256,128,64"
+declare -A filters_of=([small]="64,32,16" [article]="256,128,64")
 
 spec() { # file filters steps shards limit
   cat > "$1" <<SPEC
@@ -85,8 +84,8 @@ if [[ " $sections " == *" throughput "* ]]; then
   add "| model | workers x threads | single process s/step | forger s/step | DDP s/step | forger images/s | DDP images/s | forger vs single process | forger vs DDP (time) |"
   add "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for model in small article; do
-    if [ "$model" = small ]; then filters="$small"; steps="${FORGER_BENCH_STEPS_SMALL:-30}"
-    else filters="$article"; steps="${FORGER_BENCH_STEPS_ARTICLE:-8}"; fi
+    filters="${filters_of[$model]}"
+    if [ "$model" = small ]; then steps="${FORGER_BENCH_STEPS_SMALL:-30}"; else steps="${FORGER_BENCH_STEPS_ARTICLE:-8}"; fi
     for workers in 1 2; do
       s="$work/$model-$workers.toml"
       spec "$s" "$filters" "$steps" "$workers" 2000
@@ -122,7 +121,7 @@ if [[ " $sections " == *" exchange "* ]]; then
   add "| model | workers | MB each way per worker | forger ms/step | forger GB/s | TCP ms/round | TCP GB/s | forger / TCP |"
   add "| --- | --- | --- | --- | --- | --- | --- | --- |"
   for model in small article; do
-    if [ "$model" = small ]; then filters="$small"; else filters="$article"; fi
+    filters="${filters_of[$model]}"
     for workers in 1 2; do
       "$bin/forger-exchange" allreduce --workers "$workers" --steps 20 --filters "$filters" --data "$data" \
         > "$work/exchange.json" 2>/dev/null
@@ -151,7 +150,7 @@ if [[ " $sections " == *" reduce "* ]]; then
   add "| model | network | values | ms | GB/s touched | memory copy GB/s (read + write) | fraction |"
   add "| --- | --- | --- | --- | --- | --- | --- |"
   for model in small article; do
-    if [ "$model" = small ]; then filters="$small"; else filters="$article"; fi
+    filters="${filters_of[$model]}"
     "$bin/forger-exchange" reduce-cost --workers 2 --filters "$filters" > "$work/reduce.json" 2>/dev/null
     add "$(python3 - "$work/reduce.json" "$model" <<'PY'
 import json, sys
@@ -178,7 +177,7 @@ if [[ " $sections " == *" memory "* ]]; then
   add "baseline with the model and its activations."
   add ""
   s="$work/baseline.toml"
-  spec "$s" "$article" 3 1 64
+  spec "$s" "${filters_of[article]}" 3 1 64
   /usr/bin/time -f '%M' -o "$work/baseline.rss" "$bin/forger-worker" bench --spec "$s" --steps 3 --threads 1 \
     --device cpu >/dev/null 2>&1
   baseline=$(( $(tail -1 "$work/baseline.rss") / 1024 ))
@@ -197,7 +196,7 @@ for i in range(count):
     os.symlink(os.path.join(source, name), os.path.join(folder, f"{i:06d}-{name}"))
 PY
     s="$work/memory-$images.toml"
-    spec "$s" "$article" 3 2 0
+    spec "$s" "${filters_of[article]}" 3 2 0
     sed -i "s|^path = .*|path = \"$folder\"|" "$s"
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     /usr/bin/time -f '%M' -o "$work/coordinator.rss" "$bin/forger-coordinator" --spec "$s" \
@@ -230,7 +229,8 @@ PY
 fi
 
 echo "$out"
-if [ "$device" = cpu ]; then
+# Only a full CPU run replaces the recorded tables.
+if [ "$device" = cpu ] && [ "$sections" = "throughput exchange reduce memory" ]; then
   python3 - "$out" <<'PY'
 import re, sys
 path = "docs/BENCHMARKS.md"
