@@ -141,6 +141,10 @@ pub struct Trainer {
     /// Shards whose gradient for a network was not finite in an earlier attempt at this step:
     /// they sit that network's update out.
     excluded: Vec<(Net, u32)>,
+    /// This attempt's (network, shard) pairs left out of the updates. Their workers compute
+    /// and upload them anyway (a worker does not know), so their chunks may arrive during a
+    /// later phase; they are ignored, not taken for a protocol violation.
+    sitting_out: Vec<(Net, u32)>,
     summary: RunSummary,
 }
 
@@ -190,6 +194,7 @@ impl Trainer {
             skipped_in_a_row: 0,
             slowest_per_shard: None,
             excluded: Vec::new(),
+            sitting_out: Vec::new(),
         }
     }
 
@@ -525,16 +530,29 @@ impl Trainer {
             .send_all(&all_ids, &[message], deadline, step, "plan")
             .await?;
         let mut dropped = dropped_at_evaluation;
-        for (net, planned) in [(Net::Discriminator, train_d), (Net::Generator, train_g)] {
-            if !planned {
-                continue;
-            }
-            let averaged: Vec<(u32, u32)> = evaluation
-                .included
-                .iter()
-                .copied()
-                .filter(|&(shard, _)| !self.excluded.contains(&(net, shard)))
-                .collect();
+        // Each planned network with the shards its update averages.
+        let updates: Vec<(Net, Vec<(u32, u32)>)> = [(Net::Discriminator, train_d), (Net::Generator, train_g)]
+            .into_iter()
+            .filter(|&(_, planned)| planned)
+            .map(|(net, _)| {
+                let averaged = evaluation
+                    .included
+                    .iter()
+                    .copied()
+                    .filter(|&(shard, _)| !self.excluded.contains(&(net, shard)))
+                    .collect();
+                (net, averaged)
+            })
+            .collect();
+        self.sitting_out = updates
+            .iter()
+            .flat_map(|(net, averaged)| {
+                (0..shards)
+                    .filter(|s| !averaged.iter().any(|&(a, _)| a == *s))
+                    .map(move |s| (*net, s))
+            })
+            .collect();
+        for (net, averaged) in updates {
             dropped += (evaluation.included.len() - averaged.len()) as u32;
             self.update(net, step, &training, &averaged).await?;
         }
@@ -744,11 +762,17 @@ impl Trainer {
             let In::Gradient(chunk) = kind else {
                 return Err(self.unexpected(worker, step, phase, &kind));
             };
+            let chunk_net = match chunk.phase() {
+                pb::Phase::Discriminator => Some(Net::Discriminator),
+                pb::Phase::Generator => Some(Net::Generator),
+                _ => None,
+            };
+            let sitting_out = chunk_net.is_some_and(|n| self.sitting_out.contains(&(n, chunk.shard)));
+            if chunk.step == step && holder(chunk.shard) == Some(worker) && sitting_out {
+                continue; // a shard left out of that update; its worker uploads it anyway
+            }
             if chunk.step != step || chunk.phase() != net.phase() || holder(chunk.shard) != Some(worker) {
                 return Err(self.unexpected(worker, step, phase, &In::Gradient(chunk)));
-            }
-            if !averaged.iter().any(|&(s, _)| s == chunk.shard) {
-                continue; // its losses or an earlier gradient were not finite: it sits out
             }
             let shard = chunk.shard;
             let taken = self.slot(net).mean.accept(

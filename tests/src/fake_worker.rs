@@ -146,8 +146,9 @@ impl FakeWorker {
     pub async fn recv_params(&mut self) -> (pb::Network, u64, Vec<f32>, Vec<f32>) {
         let mut values = Vec::new();
         loop {
-            let In::Params(chunk) = self.recv().await else {
-                panic!("expected parameters")
+            let chunk = match self.recv().await {
+                In::Params(chunk) => chunk,
+                other => panic!("expected parameters, got {other:?}"),
             };
             assert_eq!(chunk.offset as usize, values.len(), "parameter chunks arrive in order");
             let mut part = vec![0f32; chunk.values.len() / 4];

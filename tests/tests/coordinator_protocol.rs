@@ -214,7 +214,7 @@ fn optimizer(lr: f64) -> RmsProp {
     }
 }
 
-/// Uploads per-shard gradients for one phase (`poison` shards get a NaN) and checks the
+/// Uploads per-shard gradients for one phase (`poison` shards get a NaN and arrive last) and checks the
 /// broadcast against TF1 RMSProp applied to the shard-order mean of the finite ones.
 async fn phase(
     workers: &mut [FakeWorker],
@@ -244,13 +244,10 @@ async fn phase(
                 .collect()
         })
         .collect();
-    for w in workers.iter() {
-        for &shard in w.shards.keys() {
-            let s = shard as usize;
-            w.upload((step, attempt), phase, shard, &grads[s], 2, stats[s].clone())
-                .await;
-        }
-    }
+    // Poisoned shards sit out: they upload only after the broadcast, so an answer the
+    // coordinator no longer waits for arrives late, as a slow worker's would.
+    let sitting_out = |shard: u32| poison.contains(&shard);
+    upload_shards(workers, (step, attempt), phase, (&grads, &stats), |s| !sitting_out(s)).await;
     let finite: Vec<usize> = (0..shards).filter(|s| !poison.contains(&(*s as u32))).collect();
     let pick = |all: &[Vec<f32>]| finite.iter().map(|&s| all[s].clone()).collect::<Vec<_>>();
     let samples = vec![2; finite.len()];
@@ -281,6 +278,24 @@ async fn phase(
             "broadcast parameters equal TF1 RMSProp on the shard-order mean, bit for bit"
         );
         assert_eq!(&running, bn);
+    }
+    upload_shards(workers, (step, attempt), phase, (&grads, &stats), sitting_out).await;
+}
+
+/// Uploads, for every shard the workers hold that `pick` selects, its gradient and statistics.
+async fn upload_shards(
+    workers: &[FakeWorker],
+    (step, attempt): (u64, u32),
+    phase: pb::Phase,
+    (grads, stats): (&[Vec<f32>], &[Vec<f32>]),
+    pick: impl Fn(u32) -> bool,
+) {
+    for w in workers {
+        for &shard in w.shards.keys().filter(|&&s| pick(s)) {
+            let s = shard as usize;
+            w.upload((step, attempt), phase, shard, &grads[s], 2, stats[s].clone())
+                .await;
+        }
     }
 }
 

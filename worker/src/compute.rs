@@ -63,10 +63,9 @@ struct Current {
     generator_pending: bool,
 }
 
-/// A parameter download in progress.
+/// A parameter download in progress: its chunks go straight into the replica.
 struct Download {
     net: Net,
-    values: Vec<f32>,
     received: usize,
 }
 
@@ -77,9 +76,6 @@ struct Worker {
     outbound: mpsc::Sender<pb::WorkerMessage>,
     current: Option<Current>,
     download: Option<Download>,
-    /// The buffer of the last finished download, kept so the next one does not allocate and
-    /// page-fault a fresh 17 MB every phase.
-    spare: Vec<f32>,
     d_len: usize,
     g_len: usize,
 }
@@ -101,7 +97,6 @@ pub fn run(
         outbound,
         current: None,
         download: None,
-        spare: Vec::new(),
         d_len,
         g_len,
     };
@@ -169,20 +164,9 @@ impl Worker {
         };
         if chunk.offset == 0 {
             // A new download; one in progress was from an attempt the coordinator undid.
-            if let Some(abandoned) = self.download.take() {
-                self.spare = abandoned.values;
-            }
+            self.download = None;
         }
-        let spare = &mut self.spare;
-        let download = self.download.get_or_insert_with(|| {
-            let mut values = std::mem::take(spare);
-            values.resize(len, 0.0);
-            Download {
-                net,
-                values,
-                received: 0,
-            }
-        });
+        let download = self.download.get_or_insert(Download { net, received: 0 });
         let count = chunk.values.len() / 4;
         if download.net != net || chunk.offset as usize != download.received || download.received + count > len {
             return Err(WorkerError::Protocol(format!(
@@ -190,10 +174,9 @@ impl Worker {
                 chunk.offset, download.received
             )));
         }
-        let start = download.received;
-        if !wire::le_bytes_to_f32(&chunk.values, &mut download.values[start..start + count]) {
-            return Err(WorkerError::Protocol("parameter chunk is not whole f32 values".into()));
-        }
+        self.replica
+            .set_params_chunk(net, download.received, &chunk.values)
+            .map_err(|e| WorkerError::Protocol(format!("parameter chunk for {net}: {e}")))?;
         download.received += count;
         if !chunk.last {
             return Ok(());
@@ -205,8 +188,6 @@ impl Worker {
                 download.received
             )));
         }
-        self.replica.set_params(net, &download.values)?;
-        self.spare = download.values;
         self.replica.set_batch_norm_running(&chunk.bn_running_stats)?;
         if net == Net::Discriminator
             && let Some(current) = &self.current

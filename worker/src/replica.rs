@@ -166,6 +166,43 @@ impl Replica {
         })
     }
 
+    /// Loads part of a network's flat parameters as they arrive: `bytes` are little-endian
+    /// f32 values for elements `offset..`, copied once into a tensor and once into the
+    /// variables they cover, so a download needs no buffer of its own and the last chunk leaves
+    /// only one chunk's work before the replica is ready.
+    pub fn set_params_chunk(&mut self, net: Net, offset: usize, bytes: &[u8]) -> Result<()> {
+        let (layout, vars, what) = match net {
+            Net::Discriminator => (&self.d_layout, &mut self.d_vars, "discriminator parameter chunk"),
+            Net::Generator => (&self.g_layout, &mut self.g_vars, "generator parameter chunk"),
+        };
+        let count = bytes.len() / 4;
+        if !bytes.len().is_multiple_of(4) || offset + count > layout.numel() {
+            return Err(WorkerError::Length {
+                what,
+                expected: layout.numel().saturating_sub(offset) * 4,
+                found: bytes.len(),
+            });
+        }
+        let source = Tensor::f_from_data_size(bytes, &[count as i64], Kind::Float)?
+            .f_to_device(self.device)?
+            .f_to_kind(self.kind)?;
+        let end = offset + count;
+        tch::no_grad(|| {
+            for (var, (_, range)) in vars.iter_mut().zip(layout.ranges()) {
+                let (from, to) = (range.start.max(offset), range.end.min(end));
+                if from >= to {
+                    continue;
+                }
+                let part = source.f_narrow(0, (from - offset) as i64, (to - from) as i64)?;
+                let mut target = var
+                    .f_view([-1])?
+                    .f_narrow(0, (from - range.start) as i64, (to - from) as i64)?;
+                target.f_copy_(&part)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Loads the running batch-norm statistics that sampling normalises with.
     pub fn set_batch_norm_running(&mut self, flat: &[f32]) -> Result<()> {
         check_len(

@@ -93,6 +93,41 @@ fn loaded_parameters_read_back_exactly_and_the_crc_sees_one_value() {
 }
 
 #[test]
+fn parameters_loaded_chunk_by_chunk_equal_the_whole_buffer_loaded_at_once() {
+    let model = spec([8, 4, 2], 0.0);
+    let mut whole = loaded(&model, 40, Kind::Float);
+    let mut chunked = loaded(&model, 40, Kind::Float);
+    for net in [Net::Discriminator, Net::Generator] {
+        let values: Vec<f32> = whole.params(net).unwrap().iter().map(|w| w * 0.5 - 0.25).collect();
+        whole.set_params(net, &values).unwrap();
+        // Uneven chunks that start and end inside variables.
+        let mut bytes = Vec::new();
+        wire::f32_to_le_bytes(&values, &mut bytes);
+        let mut offset = 0;
+        for size in [1, 37, 500].iter().cycle() {
+            let end = (offset + size).min(values.len());
+            chunked
+                .set_params_chunk(net, offset, &bytes[offset * 4..end * 4])
+                .unwrap();
+            offset = end;
+            if offset == values.len() {
+                break;
+            }
+        }
+        assert_eq!(chunked.params(net).unwrap(), values);
+        assert!(
+            chunked.set_params_chunk(net, values.len() - 1, &bytes[..8]).is_err(),
+            "past the end"
+        );
+        assert!(
+            chunked.set_params_chunk(net, 0, &bytes[..6]).is_err(),
+            "not whole values"
+        );
+    }
+    assert!(chunked.d_vars.iter().chain(&chunked.g_vars).all(Tensor::requires_grad));
+}
+
+#[test]
 fn equal_replicas_give_bit_identical_contributions() {
     let _rng = torch_rng();
     let model = spec([8, 4, 2], 0.5);
