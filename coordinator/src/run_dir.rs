@@ -58,6 +58,30 @@ impl RunDir {
         }
     }
 
+    /// Deletes the temporary files that writes interrupted by a crash left in the checkpoint
+    /// and sample folders (ours are `.NAME.tmp`; safetensors' own are `.tmpXXXXXX`), each
+    /// the size of a checkpoint. Only called while holding the lock, so no write is running.
+    /// Returns what was removed.
+    pub fn remove_leftover_temporaries(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for folder in [self.checkpoints(), self.samples()] {
+            let entries = std::fs::read_dir(&folder)
+                .map_err(|e| CoordinatorError::io(format!("failed to list {}", folder.display()), e))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let temporary = name.starts_with('.') && (name.ends_with(".tmp") || name.starts_with(".tmp"));
+                if temporary && entry.file_type().is_ok_and(|t| t.is_file()) {
+                    let path = entry.path();
+                    std::fs::remove_file(&path)
+                        .map_err(|e| CoordinatorError::io(format!("failed to remove {}", path.display()), e))?;
+                    removed.push(path);
+                }
+            }
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
     /// Fails now, rather than at the first checkpoint, if the outputs cannot be written.
     pub fn check_writable(&self) -> Result<()> {
         for folder in [self.checkpoints(), self.samples()] {
@@ -284,5 +308,28 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn temporaries_left_by_interrupted_writes_are_removed_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let run = RunDir::create(root.path()).unwrap();
+        let keep = [
+            run.checkpoint(5),
+            run.sample_grid(5),
+            run.checkpoints().join(".lock-like"),
+        ];
+        let leftovers = [
+            run.checkpoints().join(".tmpMCheym"),
+            run.checkpoints().join(".step-00000010.safetensors.tmp"),
+            run.samples().join(".step-00000010.png.tmp"),
+        ];
+        for path in keep.iter().chain(&leftovers) {
+            std::fs::write(path, b"x").unwrap();
+        }
+        let mut expected = leftovers.to_vec();
+        expected.sort();
+        assert_eq!(run.remove_leftover_temporaries().unwrap(), expected);
+        assert!(keep.iter().all(|p| p.exists()) && leftovers.iter().all(|p| !p.exists()));
     }
 }

@@ -153,7 +153,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                         }
                     }
                     Ok(None) => break "the worker closed its session".to_string(),
-                    Err(status) => break format!("the connection failed: {}", status.message()),
+                    // Also how a worker that exits after its Shutdown looks: it drops the
+                    // connection rather than closing the stream.
+                    Err(status) => {
+                        break format!("the connection closed without ending the stream ({})", status.message());
+                    }
                 }
             };
             // Routine when a run ends; a loss mid-run is reported by the trainer with its step.

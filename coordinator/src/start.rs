@@ -73,6 +73,9 @@ pub async fn serve(
     // Everything that can refuse the job is checked before anything is written.
     let run = RunDir::create(&run_dir)?;
     let _lock = run.lock()?;
+    for path in run.remove_leftover_temporaries()? {
+        warn!(path = %path.display(), "removed a temporary file left by a write that a crash interrupted");
+    }
     let (state, changed) = initial_state(&spec, &run, resume)?;
     if state.step >= spec.train.steps {
         warn!(

@@ -74,6 +74,9 @@ impl Gate {
 /// Measures `rounds` rounds of `bytes` up and down for each of `clients` client processes;
 /// the first round is left out.
 pub fn run(clients: u32, rounds: u64, bytes: usize) -> anyhow::Result<serde_json::Value> {
+    if clients == 0 {
+        bail!("--workers must be at least 1 (the TCP copy needs a client)");
+    }
     if rounds < 2 {
         bail!("the TCP copy needs at least 2 rounds (the first is left out)");
     }
