@@ -10,8 +10,17 @@ use forger_tests::{TestCoordinator, binary, shared_faces, small_spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_single_process_loop_ends_where_the_cluster_ends() {
+    // With dropout every phase recomputes its forward pass; without, the evaluation's pass is
+    // kept for both updates: both paths must agree with the cluster.
+    for dropout in [0.5, 0.0] {
+        let mut spec = small_spec(&shared_faces(), 6, 2);
+        spec.model.dropout = dropout;
+        single_process_equals_cluster(spec).await;
+    }
+}
+
+async fn single_process_equals_cluster(spec: forger_common::spec::JobSpec) {
     let dir = tempfile::tempdir().unwrap();
-    let spec = small_spec(&shared_faces(), 6, 2);
     let spec_path = dir.path().join("spec.toml");
     std::fs::write(&spec_path, spec.to_toml()).unwrap();
     let single = dir.path().join("single.safetensors");
