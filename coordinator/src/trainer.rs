@@ -278,13 +278,7 @@ impl Trainer {
                     }) => {
                         warn!(worker, %host, step, phase, %message, attempt = self.attempt, "evicting the worker; the step is undone and retried without it");
                         self.evict(worker, &host, phase, &message);
-                        self.attempt += 1;
-                        self.summary.retries += 1;
-                        // Survivors may hold parameters of the undone update.
-                        for peer in self.peers.all_mut() {
-                            peer.has_params = false;
-                        }
-                        self.settle().await?;
+                        self.prepare_retry().await?;
                     }
                     Err(CoordinatorError::NonFiniteGradient {
                         worker,
@@ -310,12 +304,7 @@ impl Trainer {
                             Net::Generator
                         };
                         self.excluded.push((net, shard));
-                        self.attempt += 1;
-                        self.summary.retries += 1;
-                        for peer in self.peers.all_mut() {
-                            peer.has_params = false;
-                        }
-                        self.settle().await?;
+                        self.prepare_retry().await?;
                     }
                     Err(e) => return Err(e),
                 }
@@ -341,6 +330,17 @@ impl Trainer {
             return self.stopped();
         }
         Ok(self.state.step >= steps)
+    }
+
+    /// Before the next attempt at an undone step: every worker gets the parameters again
+    /// (survivors may hold those of the undone update, or part of them) and the cluster settles.
+    async fn prepare_retry(&mut self) -> Result<()> {
+        self.attempt += 1;
+        self.summary.retries += 1;
+        for peer in self.peers.all_mut() {
+            peer.has_params = false;
+        }
+        self.settle().await
     }
 
     /// After a stop: a worker may be what held things up, so no samples are asked for.
