@@ -42,13 +42,8 @@ pub fn le_bytes_to_f32(bytes: &[u8], out: &mut [f32]) -> bool {
 /// CRC32 of a buffer's little-endian bytes: the replica check compares these.
 pub fn crc32_of(buffers: &[&[f32]]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    let mut scratch = Vec::with_capacity(1 << 16);
     for buffer in buffers {
-        for chunk in buffer.chunks(1 << 14) {
-            scratch.clear();
-            f32_to_le_bytes(chunk, &mut scratch);
-            hasher.update(&scratch);
-        }
+        hasher.update(bytemuck::cast_slice(buffer));
     }
     hasher.finalize()
 }

@@ -27,9 +27,6 @@ pub enum ChunkError {
         expected: usize,
         found: usize,
     },
-    TooLong {
-        len: usize,
-    },
     Misaligned,
     LastFlag {
         chunk: usize,
@@ -54,7 +51,6 @@ impl std::fmt::Display for ChunkError {
             ChunkError::WrongSize { chunk, expected, found } => {
                 write!(f, "chunk {chunk} holds {found} values, expected {expected}")
             }
-            ChunkError::TooLong { len } => write!(f, "gradient is longer than the {len} parameters"),
             ChunkError::Misaligned => write!(f, "chunk is not a whole number of f32 values"),
             ChunkError::LastFlag { chunk, chunks } => {
                 write!(f, "chunk {chunk} of {chunks} carries the wrong `last` flag")
@@ -207,9 +203,6 @@ impl StreamingMean {
             return Err(ChunkError::Misaligned);
         }
         let count = bytes.len() / 4;
-        if offset + count > self.len {
-            return Err(ChunkError::TooLong { len: self.len });
-        }
         if count != range.len() {
             return Err(ChunkError::WrongSize {
                 chunk: c,

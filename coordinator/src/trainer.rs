@@ -101,6 +101,14 @@ impl Net {
         }
     }
 
+    fn from_phase(phase: pb::Phase) -> Option<Net> {
+        match phase {
+            pb::Phase::Discriminator => Some(Net::Discriminator),
+            pb::Phase::Generator => Some(Net::Generator),
+            _ => None,
+        }
+    }
+
     fn phase_name(self) -> &'static str {
         match self {
             Net::Discriminator => "discriminator",
@@ -298,11 +306,10 @@ impl Trainer {
                             "dropped",
                             serde_json::json!({ "worker": worker, "shard": shard, "phase": phase }),
                         );
-                        let net = if phase == Net::Discriminator.phase_name() {
-                            Net::Discriminator
-                        } else {
-                            Net::Generator
-                        };
+                        let net = [Net::Discriminator, Net::Generator]
+                            .into_iter()
+                            .find(|n| n.phase_name() == phase)
+                            .expect("a non-finite gradient names a network's phase");
                         self.excluded.push((net, shard));
                         self.prepare_retry().await?;
                     }
@@ -762,12 +769,8 @@ impl Trainer {
             let In::Gradient(chunk) = kind else {
                 return Err(self.unexpected(worker, step, phase, &kind));
             };
-            let chunk_net = match chunk.phase() {
-                pb::Phase::Discriminator => Some(Net::Discriminator),
-                pb::Phase::Generator => Some(Net::Generator),
-                _ => None,
-            };
-            let sitting_out = chunk_net.is_some_and(|n| self.sitting_out.contains(&(n, chunk.shard)));
+            let sitting_out =
+                Net::from_phase(chunk.phase()).is_some_and(|n| self.sitting_out.contains(&(n, chunk.shard)));
             if chunk.step == step && holder(chunk.shard) == Some(worker) && sitting_out {
                 continue; // a shard left out of that update; its worker uploads it anyway
             }

@@ -102,42 +102,41 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
         }
         let loss_d = 0.5 * (real / samples + fake / samples);
         let plan = decide_balance(loss_d, gen_loss / samples, t.balance);
-        if plan.train_d {
-            let mut contributions = Vec::with_capacity(parts.len());
-            for (shard, step_batch) in &mut parts {
-                let dropout = dropout_seed(seed, step, *shard, DROPOUT_PHASE_D);
-                contributions.push(replica.discriminator_phase(step_batch, dropout)?);
-            }
-            let (gradients, stats) = split(&contributions);
-            let master = &mut state.discriminator;
-            update_network(
-                &gradients,
-                &stats,
+        let phases = [
+            (
+                Net::Discriminator,
+                plan.train_d,
+                DROPOUT_PHASE_D,
                 &d_optimizer,
-                master,
                 &mut average_d,
-                &mut state.batch_norm,
-            );
-            replica.set_params(Net::Discriminator, &state.discriminator.params)?;
-            replica.set_batch_norm_running(&state.batch_norm)?;
-        }
-        if plan.train_g {
+            ),
+            (
+                Net::Generator,
+                plan.train_g,
+                DROPOUT_PHASE_G,
+                &g_optimizer,
+                &mut average_g,
+            ),
+        ];
+        for (net, planned, phase, optimizer, average) in phases {
+            if !planned {
+                continue;
+            }
             let mut contributions = Vec::with_capacity(parts.len());
             for (shard, step_batch) in &mut parts {
-                let dropout = dropout_seed(seed, step, *shard, DROPOUT_PHASE_G);
-                contributions.push(replica.generator_phase(step_batch, dropout)?);
+                let dropout = dropout_seed(seed, step, *shard, phase);
+                contributions.push(match net {
+                    Net::Discriminator => replica.discriminator_phase(step_batch, dropout)?,
+                    Net::Generator => replica.generator_phase(step_batch, dropout)?,
+                });
             }
             let (gradients, stats) = split(&contributions);
-            let master = &mut state.generator;
-            update_network(
-                &gradients,
-                &stats,
-                &g_optimizer,
-                master,
-                &mut average_g,
-                &mut state.batch_norm,
-            );
-            replica.set_params(Net::Generator, &state.generator.params)?;
+            let master = match net {
+                Net::Discriminator => &mut state.discriminator,
+                Net::Generator => &mut state.generator,
+            };
+            update_network(&gradients, &stats, optimizer, master, average, &mut state.batch_norm);
+            replica.set_params(net, &master.params)?;
             replica.set_batch_norm_running(&state.batch_norm)?;
         }
         state.step = step;
