@@ -9,12 +9,16 @@
 #  3. the coordinator's update against the machine's memory bandwidth (`forger-exchange
 #     reduce-cost`);
 #  4. peak resident memory of the coordinator and the workers (GNU time) for 10,000 and
-#     100,000 images of the article model.
+#     100,000 images of the article model;
+#  5. bf16 gradient compression against f32: bytes, the exchange's and training's speed, and
+#     the losses of a longer run (`cluster.gradient_compression`).
 # Settings (environment): FORGER_BENCH_THREADS (total threads, default 2),
-#   FORGER_BENCH_STEPS_SMALL (30), FORGER_BENCH_STEPS_ARTICLE (8), FORGER_BENCH_DATA
+#   FORGER_BENCH_STEPS_SMALL (30), FORGER_BENCH_STEPS_ARTICLE (8), FORGER_BENCH_STEPS_LOSS
+#   (500, the compression section's loss runs), FORGER_BENCH_DATA
 #   (../shared/data/faces), FORGER_BENCH_DEVICE (cpu; `cuda` on a GPU machine, where the DDP
-#   column and the CPU-only sections are left out), FORGER_BENCH_SECTIONS (all four:
-#   "throughput exchange reduce memory"; docs/BENCHMARKS.md is rewritten only by a full CPU run).
+#   column and the CPU-only sections are left out), FORGER_BENCH_SECTIONS (all five:
+#   "throughput exchange reduce memory compression"; docs/BENCHMARKS.md is rewritten only by a
+#   full CPU run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >&2
@@ -23,7 +27,8 @@ bin="${CARGO_TARGET_DIR:-target}/release"
 threads="${FORGER_BENCH_THREADS:-2}"
 device="${FORGER_BENCH_DEVICE:-cpu}"
 data="$(realpath "${FORGER_BENCH_DATA:-../shared/data/faces}")"
-sections="${FORGER_BENCH_SECTIONS:-throughput exchange reduce memory}"
+all_sections="throughput exchange reduce memory compression"
+sections="${FORGER_BENCH_SECTIONS:-$all_sections}"
 if [ "$device" != cpu ]; then sections="throughput"; fi
 python="$FORGER_VENV/bin/python"
 work="$(mktemp -d)"
@@ -31,7 +36,7 @@ trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$work"' EXIT
 
 declare -A filters_of=([small]="64,32,16" [article]="256,128,64")
 
-spec() { # file filters steps shards limit
+spec() { # file filters steps shards limit [gradient compression]
   cat > "$1" <<SPEC
 version = 1
 [data]
@@ -46,6 +51,7 @@ steps = $3
 batch_size = 16
 [cluster]
 workers = $4
+gradient_compression = "${6:-none}"
 [checkpoint]
 every = 100000
 samples = 16
@@ -228,9 +234,74 @@ PY
   done
 fi
 
+if [[ " $sections " == *" compression "* ]]; then
+  add ""
+  add "### bf16 gradient compression"
+  add ""
+  add "\`cluster.gradient_compression = \"bf16\"\`: gradients go up as bf16 with error feedback,"
+  add "parameters come back as f32. The exchange as above (20 steps) and forger's training step"
+  add "(article model, 2 workers x 1 thread, ${FORGER_BENCH_STEPS_ARTICLE:-8} steps), each f32 and bf16 in turn."
+  add ""
+  add "| measured | f32 | bf16 | bf16 vs f32 |"
+  add "| --- | --- | --- | --- |"
+  for workers in 1 2; do
+    for wire in f32 bf16; do
+      flag=""; [ "$wire" = bf16 ] && flag="--bf16"
+      "$bin/forger-exchange" allreduce --workers "$workers" --steps 20 --filters "${filters_of[article]}" \
+        --data "$data" --no-tcp $flag > "$work/exchange-$wire.json" 2>/dev/null
+    done
+    add "$(python3 - "$work/exchange-f32.json" "$work/exchange-bf16.json" "$workers" <<'PY'
+import json, sys
+f, b = (json.load(open(p))["exchange"] for p in sys.argv[1:3])
+w = sys.argv[3]
+up = lambda e: e["gradient_bytes_per_step"] / e["workers"] / 1e6
+print(f'| exchange, article, {w} worker(s): MB up per worker per step | {up(f):.1f} | {up(b):.1f} | {up(b) / up(f):.2f} |')
+print(f'| exchange, article, {w} worker(s): ms/step | {f["mean_step_s"] * 1e3:.1f} | {b["mean_step_s"] * 1e3:.1f} | '
+      f'{(b["mean_step_s"] / f["mean_step_s"] - 1) * 100:+.1f}% |')
+PY
+)"
+    echo "measured the compressed exchange: $workers worker(s)" >&2
+  done
+  steps="${FORGER_BENCH_STEPS_ARTICLE:-8}"
+  for wire in none bf16; do
+    s="$work/compressed-$wire.toml"
+    spec "$s" "${filters_of[article]}" "$steps" 2 2000 "$wire"
+    "$bin/forger-coordinator" --spec "$s" --out "$work/run-compressed-$wire" --listen 127.0.0.1:0 \
+      --local-workers 2 --local-worker-threads $(( threads / 2 > 0 ? threads / 2 : 1 )) --local-worker-device cpu 2>/dev/null
+  done
+  f32_step=$(cluster_step "$work/run-compressed-none"); bf16_step=$(cluster_step "$work/run-compressed-bf16")
+  add "| training, article, 2 workers: s/step | $f32_step | $bf16_step | $(ratio "$bf16_step" "$f32_step") |"
+  echo "measured compressed training" >&2
+
+  loss_steps="${FORGER_BENCH_STEPS_LOSS:-500}"
+  for run in none-0 bf16-0 none-1; do
+    s="$work/loss-$run.toml"
+    spec "$s" "${filters_of[small]}" "$loss_steps" 1 2000 "${run%-*}"
+    sed -i "s|^batch_size = 16|batch_size = 16\nseed = ${run#*-}|" "$s"
+    "$bin/forger-worker" bench --spec "$s" --steps "$loss_steps" --threads "$threads" --device cpu \
+      > "$work/loss-$run.json" 2>/dev/null
+  done
+  add ""
+  add "Losses of the single-process loop (which rounds exactly as the cluster does) on the small model,"
+  add "$loss_steps steps, batch 16: mean over the last 100 steps. A second f32 run with another seed shows"
+  add "how far two equally good runs differ."
+  add ""
+  add "| run | D loss | G loss |"
+  add "| --- | --- | --- |"
+  add "$(python3 - "$work" <<'PY'
+import json, sys
+for run, name in (("none-0", "f32, seed 0"), ("bf16-0", "bf16, seed 0"), ("none-1", "f32, seed 1")):
+    r = json.load(open(f"{sys.argv[1]}/loss-{run}.json"))
+    d, g = r["loss_d"][-100:], r["loss_g"][-100:]
+    print(f"| {name} | {sum(d) / len(d):.4f} | {sum(g) / len(g):.4f} |")
+PY
+)"
+  echo "measured compressed losses" >&2
+fi
+
 echo "$out"
 # Only a full CPU run replaces the recorded tables.
-if [ "$device" = cpu ] && [ "$sections" = "throughput exchange reduce memory" ]; then
+if [ "$device" = cpu ] && [ "$sections" = "$all_sections" ]; then
   python3 - "$out" <<'PY'
 import re, sys
 path = "docs/BENCHMARKS.md"

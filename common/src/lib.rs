@@ -15,11 +15,13 @@
 //! - [`faults`]: fail points that let tests crash a process at a chosen moment.
 //! - [`grid`]: sample images tiled into one PNG.
 //! - [`wire`]: f32 buffers to and from little-endian bytes.
+//! - [`compression`]: bf16 gradients on the wire, with error feedback.
 
 pub mod atomic;
 pub mod average;
 pub mod balance;
 pub mod checkpoint;
+pub mod compression;
 pub mod dataset;
 mod error;
 pub mod faults;

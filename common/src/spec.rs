@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compression::GradientCompression;
 use crate::{Error, Result};
 
 /// The only spec version this build reads.
@@ -129,6 +130,10 @@ pub struct ClusterSpec {
     /// A worker silent for this long is evicted, whatever the step is doing.
     #[serde(default = "default_heartbeat_timeout_secs")]
     pub heartbeat_timeout_secs: u64,
+    /// How workers send gradients: "none" (f32, exact) or "bf16" (half the bytes, with error
+    /// feedback so the rounding does not accumulate; see `compression`).
+    #[serde(default)]
+    pub gradient_compression: GradientCompression,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,6 +262,7 @@ impl Default for ClusterSpec {
             stall_factor: default_stall_factor(),
             heartbeat_secs: default_heartbeat_secs(),
             heartbeat_timeout_secs: default_heartbeat_timeout_secs(),
+            gradient_compression: GradientCompression::None,
         }
     }
 }
@@ -598,6 +604,19 @@ mod tests {
         let fields: Vec<_> = problems.iter().map(|p| p.field).collect();
         assert_eq!(fields, vec!["cluster.step_timeout_secs", "checkpoint.samples"]);
         assert!(problems[1].message.contains("1 to 655"), "{}", problems[1].message);
+    }
+
+    #[test]
+    fn gradient_compression_is_off_unless_asked_for_and_names_its_choices() {
+        let spec = JobSpec::parse(MINIMAL, "test").unwrap();
+        assert_eq!(spec.cluster.gradient_compression, GradientCompression::None);
+        let text = format!("{MINIMAL}[cluster]\ngradient_compression = \"bf16\"\n");
+        let spec = JobSpec::parse(&text, "test").unwrap();
+        assert_eq!(spec.cluster.gradient_compression, GradientCompression::Bf16);
+        assert_eq!(JobSpec::parse(&spec.to_toml(), "again").unwrap(), spec);
+        let text = format!("{MINIMAL}[cluster]\ngradient_compression = \"fp8\"\n");
+        let err = JobSpec::parse(&text, "test").unwrap_err().to_string();
+        assert!(err.contains("gradient_compression") && err.contains("bf16"), "{err}");
     }
 
     #[test]

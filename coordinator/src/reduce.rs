@@ -13,6 +13,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 use forger_common::average::weighted_average;
+use forger_common::compression::GradientCompression;
 use forger_common::wire::CHUNK_VALUES;
 
 /// Why a chunk was refused.
@@ -51,7 +52,7 @@ impl std::fmt::Display for ChunkError {
             ChunkError::WrongSize { chunk, expected, found } => {
                 write!(f, "chunk {chunk} holds {found} values, expected {expected}")
             }
-            ChunkError::Misaligned => write!(f, "chunk is not a whole number of f32 values"),
+            ChunkError::Misaligned => write!(f, "chunk is not a whole number of values"),
             ChunkError::LastFlag { chunk, chunks } => {
                 write!(f, "chunk {chunk} of {chunks} carries the wrong `last` flag")
             }
@@ -99,6 +100,8 @@ struct Part {
 pub struct StreamingMean {
     len: usize,
     bn_len: usize,
+    /// How the values arrive.
+    compression: GradientCompression,
     parts: Vec<Part>,
     sum: Vec<f32>,
     /// Per chunk, how many parts (in shard order) its sum holds.
@@ -108,11 +111,12 @@ pub struct StreamingMean {
 }
 
 impl StreamingMean {
-    pub fn new(len: usize, bn_len: usize) -> Self {
+    pub fn new(len: usize, bn_len: usize, compression: GradientCompression) -> Self {
         let chunks = chunk_count(len);
         StreamingMean {
             len,
             bn_len,
+            compression,
             parts: Vec::new(),
             sum: vec![0.0; len],
             summed: vec![0; chunks],
@@ -171,8 +175,9 @@ impl StreamingMean {
         &self.sum[range]
     }
 
-    /// Takes one chunk of `shard`'s upload. Chunks of a shard must arrive in order, cut at
-    /// `CHUNK_VALUES`, the final one flagged and carrying the samples and batch-norm statistics.
+    /// Takes one chunk of `shard`'s upload, encoded as the job's `gradient_compression` says.
+    /// Chunks of a shard must arrive in order, cut at `CHUNK_VALUES`, the final one flagged
+    /// and carrying the samples and batch-norm statistics.
     pub fn accept(
         &mut self,
         shard: u32,
@@ -199,10 +204,11 @@ impl StreamingMean {
                 found: offset,
             });
         }
-        if !bytes.len().is_multiple_of(4) {
+        let value_bytes = self.compression.value_bytes();
+        if !bytes.len().is_multiple_of(value_bytes) {
             return Err(ChunkError::Misaligned);
         }
-        let count = bytes.len() / 4;
+        let count = bytes.len() / value_bytes;
         if count != range.len() {
             return Err(ChunkError::WrongSize {
                 chunk: c,
@@ -255,9 +261,13 @@ impl StreamingMean {
     fn add(&mut self, position: usize, c: usize, bytes: &[u8]) -> bool {
         let weight = self.parts[position].weight;
         let range = chunk_range(c, self.len);
+        let compression = self.compression;
         let mut finite = true;
-        for (acc, value) in self.sum[range].iter_mut().zip(bytes.chunks_exact(4)) {
-            let v = f32::from_le_bytes([value[0], value[1], value[2], value[3]]);
+        for (acc, value) in self.sum[range]
+            .iter_mut()
+            .zip(bytes.chunks_exact(compression.value_bytes()))
+        {
+            let v = compression.decode(value);
             finite &= v.is_finite();
             *acc += weight * v;
         }

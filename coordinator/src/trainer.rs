@@ -19,6 +19,7 @@
 use bytes::Bytes;
 use forger_common::balance::{StepPlan, decide_balance};
 use forger_common::checkpoint::{self, NetState, TrainingState};
+use forger_common::compression::GradientCompression;
 use forger_common::grid;
 use forger_common::layout::{self, BATCH_NORM_DECAY};
 use forger_common::rmsprop::{RmsProp, update_moving_average};
@@ -74,10 +75,10 @@ struct NetSlot {
 }
 
 impl NetSlot {
-    fn new(optimizer: RmsProp, len: usize, bn_len: usize) -> Self {
+    fn new(optimizer: RmsProp, len: usize, bn_len: usize, compression: GradientCompression) -> Self {
         NetSlot {
             optimizer,
-            mean: StreamingMean::new(len, bn_len),
+            mean: StreamingMean::new(len, bn_len, compression),
             next: NetState {
                 params: vec![0.0; len],
                 mean_square: vec![0.0; len],
@@ -179,8 +180,10 @@ impl Trainer {
     ) -> Self {
         let t = &spec.train;
         let bn_len = layout::batch_norm_stats_len(&spec.model);
-        let d = NetSlot::new(RmsProp::for_spec(t, t.lr_d), state.discriminator.params.len(), bn_len);
-        let g = NetSlot::new(RmsProp::for_spec(t, t.lr_g), state.generator.params.len(), bn_len);
+        let compression = spec.cluster.gradient_compression;
+        let (d_len, g_len) = (state.discriminator.params.len(), state.generator.params.len());
+        let d = NetSlot::new(RmsProp::for_spec(t, t.lr_d), d_len, bn_len, compression);
+        let g = NetSlot::new(RmsProp::for_spec(t, t.lr_g), g_len, bn_len, compression);
         let last_checkpoint = state.step;
         Trainer {
             spec,

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use forger_common::compression::{ErrorFeedback, GradientCompression, bf16_bytes};
 use forger_common::layout;
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
@@ -182,15 +183,20 @@ impl FakeWorker {
         for c in 0..chunks {
             let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(gradient.len());
             let last = c + 1 == chunks;
-            let mut bytes = Vec::new();
-            wire::f32_to_le_bytes(&gradient[range.clone()], &mut bytes);
+            let bytes = match self.spec.cluster.gradient_compression {
+                GradientCompression::None => wire::f32_bytes(&gradient[range.clone()]),
+                // The same rounding work as a real worker's; a fake carries no residual over.
+                GradientCompression::Bf16 => {
+                    bf16_bytes(&ErrorFeedback::new(range.len()).compress(step, &gradient[range.clone()]))
+                }
+            };
             self.send(Out::Gradient(pb::GradientChunk {
                 step,
                 attempt,
                 phase: phase as i32,
                 shard,
                 offset: range.start as u64,
-                values: bytes.into(),
+                values: bytes,
                 last,
                 samples: if last { samples } else { 0 },
                 bn_batch_stats: if last { bn_stats.take().unwrap() } else { Vec::new() },

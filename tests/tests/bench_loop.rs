@@ -5,7 +5,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use forger_common::checkpoint;
+use forger_common::checkpoint::{self, TrainingState};
+use forger_common::compression::GradientCompression;
 use forger_tests::{TestCoordinator, binary, shared_faces, small_spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,7 +20,32 @@ async fn the_single_process_loop_ends_where_the_cluster_ends() {
     }
 }
 
-async fn single_process_equals_cluster(spec: forger_common::spec::JobSpec) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_bf16_gradients_the_loop_and_the_cluster_round_alike() {
+    // The workers' error feedback and the coordinator's bf16 decoding must give the bits the
+    // single-process loop computes, and the rounding must change the result, a little.
+    let mut spec = small_spec(&shared_faces(), 6, 2);
+    spec.model.dropout = 0.0;
+    let exact = single_process_equals_cluster(spec.clone()).await;
+    spec.cluster.gradient_compression = GradientCompression::Bf16;
+    let rounded = single_process_equals_cluster(spec).await;
+    let largest_difference = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    for (net, a, b) in [
+        ("D", &exact.discriminator.params, &rounded.discriminator.params),
+        ("G", &exact.generator.params, &rounded.generator.params),
+    ] {
+        let difference = largest_difference(a, b);
+        assert!(difference > 0.0, "{net}: bf16 gradients changed nothing");
+        // Six RMSProp steps of at most 2e-4 each: rounding moves them by far less.
+        assert!(
+            difference < 2e-4,
+            "{net}: bf16 gradients moved a parameter by {difference}"
+        );
+    }
+}
+
+/// Runs `spec` both ways, checks the final states are equal and returns the cluster's.
+async fn single_process_equals_cluster(spec: forger_common::spec::JobSpec) -> TrainingState {
     let dir = tempfile::tempdir().unwrap();
     let spec_path = dir.path().join("spec.toml");
     std::fs::write(&spec_path, spec.to_toml()).unwrap();
@@ -54,4 +80,5 @@ async fn single_process_equals_cluster(spec: forger_common::spec::JobSpec) {
     assert!(single.generator == cluster.generator, "G and its RMSProp state");
     assert_eq!(single.batch_norm, cluster.batch_norm);
     assert_eq!(single.samplers, cluster.samplers);
+    cluster
 }

@@ -17,6 +17,7 @@ use forger_common::spec::JobSpec;
 use tch::Device;
 
 use crate::error::{Result, WorkerError};
+use crate::gradient_encoder::GradientEncoder;
 use crate::replica::{Contribution, Net, Replica, noise};
 use crate::shard::{DROPOUT_PHASE_D, DROPOUT_PHASE_G, ShardStore, dropout_seed, noise_seed};
 
@@ -28,6 +29,8 @@ pub struct BenchReport {
     pub images: u64,
     /// Wall-clock seconds of each step.
     pub step_seconds: Vec<f64>,
+    /// Each step's discriminator and generator losses (batch means, before the updates).
+    pub losses: Vec<(f64, f64)>,
 }
 
 /// Trains `steps` steps of `spec` on `device`; with `out`, writes the final state as a
@@ -68,10 +71,12 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
     let (d_optimizer, g_optimizer) = (RmsProp::for_spec(t, t.lr_d), RmsProp::for_spec(t, t.lr_g));
     let mut average_d = vec![0f32; state.discriminator.params.len()];
     let mut average_g = vec![0f32; state.generator.params.len()];
+    let mut encoder = GradientEncoder::new(spec.cluster.gradient_compression);
     let mut report = BenchReport {
         steps,
         images: 0,
         step_seconds: Vec::with_capacity(steps as usize),
+        losses: Vec::with_capacity(steps as usize),
     };
     for step in 1..=steps {
         let started = Instant::now();
@@ -101,7 +106,9 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
             parts.push((shard, step_batch));
         }
         let loss_d = 0.5 * (real / samples + fake / samples);
-        let plan = decide_balance(loss_d, gen_loss / samples, t.balance);
+        let loss_g = gen_loss / samples;
+        report.losses.push((loss_d, loss_g));
+        let plan = decide_balance(loss_d, loss_g, t.balance);
         let phases = [
             (
                 Net::Discriminator,
@@ -125,10 +132,13 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
             let mut contributions = Vec::with_capacity(parts.len());
             for (shard, step_batch) in &mut parts {
                 let dropout = dropout_seed(seed, step, *shard, phase);
-                contributions.push(match net {
+                let mut contribution = match net {
                     Net::Discriminator => replica.discriminator_phase(step_batch, dropout)?,
                     Net::Generator => replica.generator_phase(step_batch, dropout)?,
-                });
+                };
+                // What the coordinator would average (bf16-rounded when compressed).
+                contribution.gradient = encoder.delivered(step, *shard, net, contribution.gradient);
+                contributions.push(contribution);
             }
             let (gradients, stats) = split(&contributions);
             let master = match net {

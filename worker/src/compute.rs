@@ -10,13 +10,14 @@ use std::collections::BTreeMap;
 use forger_common::faults::crash_point;
 use forger_common::layout;
 use forger_common::spec::JobSpec;
-use forger_common::wire::{self, CHUNK_VALUES};
+use forger_common::wire::CHUNK_VALUES;
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
 use tch::Device;
 use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::error::{Result, WorkerError};
+use crate::gradient_encoder::GradientEncoder;
 use crate::replica::{Contribution, Net, Replica, StepBatch, noise};
 use crate::shard::{DROPOUT_PHASE_D, DROPOUT_PHASE_G, ShardStore, dropout_seed, noise_seed};
 
@@ -76,6 +77,7 @@ struct Worker {
     outbound: mpsc::Sender<pb::WorkerMessage>,
     current: Option<Current>,
     download: Option<Download>,
+    encoder: GradientEncoder,
     d_len: usize,
     g_len: usize,
 }
@@ -90,6 +92,7 @@ pub fn run(
     let replica = Replica::new(&job.spec.model, size, job.device)?;
     let d_len = layout::discriminator_layout(&job.spec.model, size).numel();
     let g_len = layout::generator_layout(&job.spec.model).numel();
+    let encoder = GradientEncoder::new(job.spec.cluster.gradient_compression);
     let mut worker = Worker {
         job,
         replica,
@@ -97,6 +100,7 @@ pub fn run(
         outbound,
         current: None,
         download: None,
+        encoder,
         d_len,
         g_len,
     };
@@ -137,6 +141,7 @@ impl Worker {
     /// Keeps exactly `shards`, adding the new downloads, and tells the coordinator.
     fn hold(&mut self, shards: Vec<u32>, fetched: Vec<Shard>) -> Result<()> {
         self.shards.retain(|shard, _| shards.contains(shard));
+        self.encoder.retain(&shards);
         let size = self.job.spec.data.image_size;
         for shard in fetched {
             let store = ShardStore::new(shard.shard, &shard.indices, &shard.pixels, size)?;
@@ -270,7 +275,7 @@ impl Worker {
                 let contribution = self.replica.discriminator_phase(&mut part.batch, seed)?;
                 contributions.push((part.shard, contribution));
             }
-            self.upload(step, attempt, pb::Phase::Discriminator, contributions)
+            self.upload(step, attempt, Net::Discriminator, contributions)
             // The G phase follows once the updated D arrives (see `params`).
         } else if plan.train_g {
             self.generator_phase()
@@ -290,11 +295,15 @@ impl Worker {
             let seed = dropout_seed(self.job.spec.train.seed, step, part.shard, DROPOUT_PHASE_G);
             contributions.push((part.shard, self.replica.generator_phase(&mut part.batch, seed)?));
         }
-        self.upload(step, attempt, pb::Phase::Generator, contributions)
+        self.upload(step, attempt, Net::Generator, contributions)
     }
 
     /// Sends each shard's gradient in wire-sized chunks.
-    fn upload(&self, step: u64, attempt: u32, phase: pb::Phase, contributions: Vec<(u32, Contribution)>) -> Result<()> {
+    fn upload(&mut self, step: u64, attempt: u32, net: Net, contributions: Vec<(u32, Contribution)>) -> Result<()> {
+        let phase = match net {
+            Net::Discriminator => pb::Phase::Discriminator,
+            Net::Generator => pb::Phase::Generator,
+        };
         let total_chunks: usize = contributions
             .iter()
             .map(|(_, c)| c.gradient.len().div_ceil(CHUNK_VALUES).max(1))
@@ -307,7 +316,8 @@ impl Worker {
                 samples,
             } = contribution;
             let chunks = gradient.len().div_ceil(CHUNK_VALUES).max(1);
-            let bytes = wire::f32_bytes(&gradient);
+            let bytes = self.encoder.encode(step, shard, net, &gradient);
+            let value_bytes = bytes.len() / gradient.len().max(1);
             let mut bn_stats = Some(bn_stats);
             for c in 0..chunks {
                 if phase == pb::Phase::Discriminator && sent == total_chunks / 2 {
@@ -323,7 +333,7 @@ impl Worker {
                     phase: phase as i32,
                     shard,
                     offset: start as u64,
-                    values: bytes.slice(start * 4..end * 4),
+                    values: bytes.slice(start * value_bytes..end * value_bytes),
                     last,
                     samples: if last { samples as u32 } else { 0 },
                     bn_batch_stats: if last {

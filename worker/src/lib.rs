@@ -6,6 +6,7 @@
 //!   evaluating losses, computing gradients and batch-norm statistics, sampling images.
 //! - [`client`]: Join, shard download and the Session stream with the coordinator.
 //! - [`compute`]: the thread that owns the replica and follows the coordinator's steps.
+//! - [`gradient_encoder`]: gradients to wire bytes, bf16 with error feedback when asked.
 //! - [`device`]: `--device` names to libtorch devices.
 //! - [`generate`]: faces from a checkpoint.
 //! - [`error`]: the crate's error type.
@@ -16,6 +17,7 @@ pub mod compute;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod gradient_encoder;
 pub mod model;
 pub mod replica;
 pub mod shard;

@@ -144,6 +144,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             "first_step_seconds": report.step_seconds[0],
             "mean_step_seconds": if steps > 1 { settled / (steps - 1) as f64 } else { total },
             "images_per_second": if steps > 1 { per_step_images * (steps - 1) as f64 / settled } else { per_step_images / total },
+            "loss_d": report.losses.iter().map(|l| l.0).collect::<Vec<_>>(),
+            "loss_g": report.losses.iter().map(|l| l.1).collect::<Vec<_>>(),
         });
         println!("{line}");
         return Ok(());

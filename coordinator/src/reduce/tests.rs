@@ -28,7 +28,7 @@ fn bn(seed: u32) -> Vec<f32> {
 /// Feeds chunks in the given (shard, chunk) order and returns the whole mean.
 fn stream(grads: &[Vec<f32>], samples: &[u32], order: &[(u32, usize)]) -> (Vec<f32>, Vec<f32>) {
     let len = grads[0].len();
-    let mut mean = StreamingMean::new(len, BN);
+    let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
     let shards: Vec<(u32, u32)> = (0..grads.len() as u32).zip(samples.iter().copied()).collect();
     mean.begin(&shards);
     let mut completed = 0;
@@ -74,7 +74,7 @@ fn any_arrival_order_gives_the_bits_of_the_shard_order_mean() {
 fn a_chunk_completes_only_when_every_shard_delivered_it() {
     let len = CHUNK_VALUES + 10;
     let grads: Vec<Vec<f32>> = (0..2).map(|s| values(s, len)).collect();
-    let mut mean = StreamingMean::new(len, BN);
+    let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
     mean.begin(&[(0, 4), (1, 4)]);
     let (o, b, l) = chunk(&grads[1], 0);
     mean.accept(1, o, b, l, (4, Vec::new())).unwrap();
@@ -95,7 +95,7 @@ fn a_non_finite_value_names_its_shard_even_when_it_waited_for_its_turn() {
     let good = values(1, len);
     let mut bad = values(2, len);
     bad[7] = f32::INFINITY;
-    let mut mean = StreamingMean::new(len, BN);
+    let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
     mean.begin(&[(0, 2), (1, 2)]);
     // Shard 1's chunk arrives first and is held; it is checked when summed.
     let (o, b, l) = chunk(&bad, 0);
@@ -119,7 +119,7 @@ fn a_non_finite_value_names_its_shard_even_when_it_waited_for_its_turn() {
 fn malformed_uploads_are_refused() {
     let len = CHUNK_VALUES + 4;
     let g = values(3, len);
-    let mut mean = StreamingMean::new(len, BN);
+    let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
     mean.begin(&[(0, 2)]);
     let (_, first, _) = chunk(&g, 0);
     let (_, second, _) = chunk(&g, 1);
@@ -162,5 +162,48 @@ fn malformed_uploads_are_refused() {
     assert_eq!(
         mean.accept(0, CHUNK_VALUES, second, true, (2, bn(0))),
         Err(ChunkError::AfterEnd)
+    );
+}
+
+#[test]
+fn bf16_chunks_give_the_bits_of_the_mean_of_what_they_decode_to() {
+    use forger_common::compression::{ErrorFeedback, bf16_bytes, bf16_to_f32};
+    let len = CHUNK_VALUES + 77;
+    let samples = [16u32, 12];
+    let sent: Vec<_> = (0..2)
+        .map(|s| ErrorFeedback::new(len).compress(1, &values(s + 1, len)))
+        .collect();
+    let decoded: Vec<Vec<f32>> = sent.iter().map(|v| bf16_to_f32(v)).collect();
+    let mut expected = vec![0.0; len];
+    let weighted: Vec<(&[f32], u32)> = decoded.iter().map(Vec::as_slice).zip(samples).collect();
+    weighted_average(&weighted, &mut expected);
+
+    let mut mean = StreamingMean::new(len, BN, GradientCompression::Bf16);
+    mean.begin(&[(0, samples[0]), (1, samples[1])]);
+    // Shard 1 first, so its chunks wait for shard 0's.
+    for shard in [1u32, 0] {
+        let bytes = bf16_bytes(&sent[shard as usize]);
+        for c in 0..chunk_count(len) {
+            let range = chunk_range(c, len);
+            let last = c + 1 == chunk_count(len);
+            let final_part = (samples[shard as usize], if last { bn(shard) } else { Vec::new() });
+            let chunk = bytes.slice(range.start * 2..range.end * 2);
+            assert_eq!(mean.accept(shard, range.start, chunk, last, final_part), Ok(Taken::Ok));
+        }
+    }
+    assert!(mean.is_complete());
+    assert_eq!(mean.mean(0..len), expected.as_slice());
+
+    // An f32 chunk sent to a bf16 job is twice the size: refused, naming the chunk.
+    mean.begin(&[(0, 16)]);
+    let (offset, bytes, _) = chunk(&values(1, len), 0);
+    let err = mean.accept(0, offset, bytes, false, (16, Vec::new())).unwrap_err();
+    assert_eq!(
+        err,
+        ChunkError::WrongSize {
+            chunk: 0,
+            expected: CHUNK_VALUES,
+            found: 2 * CHUNK_VALUES
+        }
     );
 }

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use forger_common::compression::GradientCompression;
 use forger_tests::exchange::{self, Lens, allreduce, peer, reduce_cost, tcp};
 use serde_json::json;
 
@@ -48,6 +49,10 @@ enum Cmd {
         /// Leave out the TCP copy.
         #[arg(long)]
         no_tcp: bool,
+        /// Gradients go up as bf16 (`cluster.gradient_compression = "bf16"`); the TCP copy
+        /// still moves f32 both ways.
+        #[arg(long)]
+        bf16: bool,
         /// The cluster run must end within this many seconds.
         #[arg(long, default_value_t = 900)]
         timeout_secs: u64,
@@ -113,6 +118,7 @@ fn run(command: Cmd) -> anyhow::Result<Option<serde_json::Value>> {
             data,
             coordinator,
             no_tcp,
+            bf16,
             timeout_secs,
         } => {
             let model = exchange::model(&filters)?;
@@ -121,6 +127,11 @@ fn run(command: Cmd) -> anyhow::Result<Option<serde_json::Value>> {
                 steps,
                 filters,
                 data,
+                compression: if bf16 {
+                    GradientCompression::Bf16
+                } else {
+                    GradientCompression::None
+                },
                 coordinator: match coordinator {
                     Some(path) => path,
                     None => allreduce::default_coordinator()?,

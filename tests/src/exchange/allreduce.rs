@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use forger_common::compression::GradientCompression;
 use forger_common::spec::JobSpec;
 use serde_json::{Value, json};
 
@@ -19,6 +20,8 @@ pub struct Config {
     pub steps: u64,
     pub filters: Vec<u32>,
     pub data: PathBuf,
+    /// How the fake workers send gradients.
+    pub compression: GradientCompression,
     /// The `forger-coordinator` executable.
     pub coordinator: PathBuf,
     /// The whole run must end within this.
@@ -61,6 +64,7 @@ step_timeout_secs = 300
 stall_factor = 0
 heartbeat_secs = 1
 heartbeat_timeout_secs = 60
+gradient_compression = "{compression}"
 [checkpoint]
 every = 1000000000
 keep = 1
@@ -69,6 +73,10 @@ samples = 4
         limit = 64 * config.workers,
         steps = config.steps,
         workers = config.workers,
+        compression = match config.compression {
+            GradientCompression::None => "none",
+            GradientCompression::Bf16 => "bf16",
+        },
     ))
 }
 
@@ -191,7 +199,9 @@ pub fn run(config: &Config) -> anyhow::Result<Value> {
         bail!("metrics.jsonl lacks `seconds` on some steps");
     }
     let step_s = mean(&seconds);
-    let up = u64::from(config.workers) * lens.bytes_per_worker() as u64;
+    // Parameters come back as f32; gradients go up as the compression says.
+    let down = u64::from(config.workers) * lens.bytes_per_worker() as u64;
+    let up = down / 4 * config.compression.value_bytes() as u64;
     let reports = read_reports(dir.path(), config.workers)?;
     Ok(json!({
         "workers": config.workers,
@@ -201,13 +211,14 @@ pub fn run(config: &Config) -> anyhow::Result<Value> {
         "d_values": lens.d,
         "g_values": lens.g,
         "gradient_bytes_per_step": up,
-        "param_bytes_per_step": up,
+        "param_bytes_per_step": down,
+        "gradient_compression": format!("{:?}", config.compression).to_lowercase(),
         "mean_step_s": step_s,
         "median_step_s": median(&seconds),
         "min_step_s": seconds.iter().copied().fold(f64::INFINITY, f64::min),
         "max_step_s": seconds.iter().copied().fold(0.0, f64::max),
         "first_step_s": metrics[0]["seconds"].as_f64(),
-        "gb_per_s": gb_per_s(2.0 * up as f64, step_s),
+        "gb_per_s": gb_per_s((up + down) as f64, step_s),
         "worker_phases_mean_s": phase_means(&reports),
         "worker_phases_by_worker_s": reports
             .iter()

@@ -1,0 +1,211 @@
+//! Optional gradient compression on the upload: bf16 on the wire, with error feedback.
+//!
+//! A bf16 keeps f32's exponent and 8 of its 24 significand bits, so rounding a gradient to it
+//! loses up to 2^-9 of each value. Error feedback carries what was lost into the next step's
+//! upload from the same shard: the worker sends `bf16(gradient + residual)` and keeps
+//! `residual = (gradient + residual) - sent`. Over many steps the values delivered then sum
+//! to the gradients' sum minus one residual, so the rounding does not accumulate.
+//!
+//! Only gradients are compressed. Parameters are broadcast as f32, so every replica holds the
+//! coordinator's master copy exactly.
+
+use bytes::Bytes;
+use half::bf16;
+use serde::{Deserialize, Serialize};
+
+/// How workers encode gradients for the coordinator (`cluster.gradient_compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GradientCompression {
+    /// Little-endian f32: exact.
+    #[default]
+    None,
+    /// Little-endian bf16 with error feedback: half the bytes.
+    Bf16,
+}
+
+impl GradientCompression {
+    /// Bytes per gradient value on the wire.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            GradientCompression::None => 4,
+            GradientCompression::Bf16 => 2,
+        }
+    }
+
+    /// The value at `bytes`, which is `value_bytes()` long.
+    #[inline]
+    pub fn decode(self, bytes: &[u8]) -> f32 {
+        match self {
+            GradientCompression::None => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            GradientCompression::Bf16 => bf16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+        }
+    }
+}
+
+/// One shard's residual for one network, kept by the worker that computes the shard.
+///
+/// A step can be attempted more than once (a worker was lost, or a gradient was not finite):
+/// the coordinator undoes the failed attempt, so a retry must start from the residual the
+/// step started with, not from what the failed attempt left. Both are kept.
+#[derive(Debug, Clone)]
+pub struct ErrorFeedback {
+    /// The step the last upload was for.
+    step: Option<u64>,
+    /// The residual that step started from.
+    before: Vec<f32>,
+    /// The residual that step left.
+    after: Vec<f32>,
+}
+
+impl ErrorFeedback {
+    pub fn new(len: usize) -> Self {
+        ErrorFeedback {
+            step: None,
+            before: vec![0.0; len],
+            after: vec![0.0; len],
+        }
+    }
+
+    /// Rounds `gradient` plus the residual to bf16 for `step` and returns what goes on the
+    /// wire. Steps must not go backwards; the same step again is a retry and rounds from the
+    /// same residual. A gradient with a value that is not finite leaves the residual as it
+    /// was (the coordinator refuses that upload, so nothing of it was delivered).
+    pub fn compress(&mut self, step: u64, gradient: &[f32]) -> Vec<bf16> {
+        assert_eq!(
+            gradient.len(),
+            self.after.len(),
+            "gradient length differs from the residual's"
+        );
+        if self.step != Some(step) {
+            // The previous step is over: what it left is where this one starts.
+            std::mem::swap(&mut self.before, &mut self.after);
+            self.step = Some(step);
+        }
+        let mut sent = Vec::with_capacity(gradient.len());
+        let mut finite = true;
+        for ((g, before), after) in gradient.iter().zip(&self.before).zip(&mut self.after) {
+            let wanted = g + before;
+            let rounded = bf16::from_f32(wanted);
+            finite &= wanted.is_finite();
+            *after = wanted - rounded.to_f32();
+            sent.push(rounded);
+        }
+        if !finite {
+            self.after.copy_from_slice(&self.before);
+        }
+        sent
+    }
+
+    /// The residual the last upload left.
+    pub fn residual(&self) -> &[f32] {
+        &self.after
+    }
+}
+
+/// bf16 values as little-endian bytes, to slice into chunks without copying.
+pub fn bf16_bytes(values: &[bf16]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 2);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.into()
+}
+
+/// What the coordinator decodes from bf16 values: the values the mean is taken over.
+pub fn bf16_to_f32(values: &[bf16]) -> Vec<f32> {
+    values.iter().map(|v| v.to_f32()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_and_keeps_the_exponent() {
+        let mut feedback = ErrorFeedback::new(3);
+        let sent = bf16_to_f32(&feedback.compress(1, &[1.0, 1.0 + 1.0 / 256.0, 3e-30]));
+        assert_eq!(sent[0], 1.0);
+        // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): ties go to even.
+        assert_eq!(sent[1], 1.0);
+        assert!((sent[2] - 3e-30).abs() < 3e-30 / 256.0, "tiny values keep their scale");
+        assert_eq!(feedback.residual()[1], 1.0 / 256.0);
+    }
+
+    #[test]
+    fn what_is_delivered_sums_to_the_gradients_minus_one_residual() {
+        let len = 1000;
+        let mut feedback = ErrorFeedback::new(len);
+        let mut delivered = vec![0f64; len];
+        let mut wanted = vec![0f64; len];
+        let mut plain = vec![0f64; len];
+        for step in 1..=200u64 {
+            let gradient: Vec<f32> = (0..len)
+                .map(|i| ((i as f32 * 0.37 + step as f32 * 1.3).sin()) * 1e-3)
+                .collect();
+            for ((w, p), g) in wanted.iter_mut().zip(&mut plain).zip(&gradient) {
+                *w += f64::from(*g);
+                *p += f64::from(bf16::from_f32(*g).to_f32());
+            }
+            for (d, s) in delivered
+                .iter_mut()
+                .zip(bf16_to_f32(&feedback.compress(step, &gradient)))
+            {
+                *d += f64::from(s);
+            }
+        }
+        let mut lost_with_feedback = 0f64;
+        let mut lost_without = 0f64;
+        let mut largest_residual = 0f64;
+        for i in 0..len {
+            let residual = f64::from(feedback.residual()[i]);
+            lost_with_feedback = lost_with_feedback.max((delivered[i] + residual - wanted[i]).abs());
+            lost_without = lost_without.max((plain[i] - wanted[i]).abs());
+            largest_residual = largest_residual.max(residual.abs());
+        }
+        // Up to f32 rounding of the additions, nothing is lost but the last residual, which
+        // is at most half a bf16 step of one value; plain rounding loses far more.
+        assert!(lost_with_feedback < 1e-7, "error feedback lost {lost_with_feedback}");
+        assert!(largest_residual < 1e-5, "the residual grew to {largest_residual}");
+        assert!(
+            lost_without > 100.0 * lost_with_feedback,
+            "plain bf16 lost {lost_without}, error feedback {lost_with_feedback}"
+        );
+    }
+
+    #[test]
+    fn a_retry_rounds_from_the_residual_its_step_started_with() {
+        let mut feedback = ErrorFeedback::new(2);
+        feedback.compress(1, &[0.1, 0.2]);
+        let first = feedback.compress(2, &[0.3, 0.4]);
+        let residual = feedback.residual().to_vec();
+        // Step 2 again (the attempt was undone), then again: the same bits each time.
+        assert_eq!(feedback.compress(2, &[0.3, 0.4]), first);
+        assert_eq!(feedback.residual(), residual);
+        // A different gradient on retry (another attempt's batch) still starts from step 1's.
+        let mut fresh = ErrorFeedback::new(2);
+        fresh.compress(1, &[0.1, 0.2]);
+        assert_eq!(feedback.compress(2, &[0.5, 0.6]), fresh.compress(2, &[0.5, 0.6]));
+    }
+
+    #[test]
+    fn a_non_finite_gradient_leaves_the_residual_alone() {
+        let mut feedback = ErrorFeedback::new(2);
+        feedback.compress(1, &[0.1, 0.2]);
+        let residual = feedback.residual().to_vec();
+        let sent = bf16_to_f32(&feedback.compress(2, &[f32::NAN, 0.3]));
+        assert!(
+            sent[0].is_nan(),
+            "the coordinator must see the NaN to refuse the upload"
+        );
+        assert_eq!(feedback.residual(), residual);
+    }
+
+    #[test]
+    fn decode_reads_both_encodings() {
+        let bytes = bf16_bytes(&[bf16::from_f32(-2.5)]);
+        assert_eq!(GradientCompression::Bf16.decode(&bytes), -2.5);
+        assert_eq!(GradientCompression::None.decode(&1.25f32.to_le_bytes()), 1.25);
+        assert_eq!(GradientCompression::Bf16.value_bytes(), 2);
+    }
+}
