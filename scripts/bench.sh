@@ -239,37 +239,48 @@ if [[ " $sections " == *" compression "* ]]; then
   add "### bf16 gradient compression"
   add ""
   add "\`cluster.gradient_compression = \"bf16\"\`: gradients go up as bf16 with error feedback,"
-  add "parameters come back as f32. The exchange as above (20 steps) and forger's training step"
-  add "(article model, 2 workers x 1 thread, ${FORGER_BENCH_STEPS_ARTICLE:-8} steps), each f32 and bf16 in turn."
+  add "parameters come back as f32. The exchange as above (20 steps; medians of 3 runs) and forger's"
+  add "training step (article model, 2 workers x 1 thread, ${FORGER_BENCH_STEPS_ARTICLE:-8} steps; mean of 2 runs),"
+  add "f32 and bf16 runs taking turns so that both see the same machine."
   add ""
   add "| measured | f32 | bf16 | bf16 vs f32 |"
   add "| --- | --- | --- | --- |"
   for workers in 1 2; do
-    for wire in f32 bf16; do
-      flag=""; [ "$wire" = bf16 ] && flag="--bf16"
-      "$bin/forger-exchange" allreduce --workers "$workers" --steps 20 --filters "${filters_of[article]}" \
-        --data "$data" --no-tcp $flag > "$work/exchange-$wire.json" 2>/dev/null
+    for round in 1 2 3; do
+      for wire in f32 bf16; do
+        flag=""; [ "$wire" = bf16 ] && flag="--bf16"
+        "$bin/forger-exchange" allreduce --workers "$workers" --steps 20 --filters "${filters_of[article]}" \
+          --data "$data" --no-tcp $flag > "$work/exchange-$wire-$round.json" 2>/dev/null
+      done
     done
-    add "$(python3 - "$work/exchange-f32.json" "$work/exchange-bf16.json" "$workers" <<'PY'
-import json, sys
-f, b = (json.load(open(p))["exchange"] for p in sys.argv[1:3])
-w = sys.argv[3]
-up = lambda e: e["gradient_bytes_per_step"] / e["workers"] / 1e6
-print(f'| exchange, article, {w} worker(s): MB up per worker per step | {up(f):.1f} | {up(b):.1f} | {up(b) / up(f):.2f} |')
-print(f'| exchange, article, {w} worker(s): ms/step | {f["mean_step_s"] * 1e3:.1f} | {b["mean_step_s"] * 1e3:.1f} | '
-      f'{(b["mean_step_s"] / f["mean_step_s"] - 1) * 100:+.1f}% |')
+    add "$(python3 - "$work" "$workers" <<'PY'
+import json, statistics, sys
+work, w = sys.argv[1], sys.argv[2]
+runs = {wire: [json.load(open(f"{work}/exchange-{wire}-{r}.json"))["exchange"] for r in (1, 2, 3)]
+        for wire in ("f32", "bf16")}
+up = {wire: runs[wire][0]["gradient_bytes_per_step"] / runs[wire][0]["workers"] / 1e6 for wire in runs}
+ms = {wire: statistics.median(e["mean_step_s"] for e in runs[wire]) * 1e3 for wire in runs}
+print(f'| exchange, article, {w} worker(s): MB up per worker per step | {up["f32"]:.1f} | {up["bf16"]:.1f} | '
+      f'{up["bf16"] / up["f32"]:.2f} |')
+print(f'| exchange, article, {w} worker(s): ms/step | {ms["f32"]:.1f} | {ms["bf16"]:.1f} | '
+      f'{(ms["bf16"] / ms["f32"] - 1) * 100:+.1f}% |')
 PY
 )"
     echo "measured the compressed exchange: $workers worker(s)" >&2
   done
   steps="${FORGER_BENCH_STEPS_ARTICLE:-8}"
-  for wire in none bf16; do
-    s="$work/compressed-$wire.toml"
-    spec "$s" "${filters_of[article]}" "$steps" 2 2000 "$wire"
-    "$bin/forger-coordinator" --spec "$s" --out "$work/run-compressed-$wire" --listen 127.0.0.1:0 \
-      --local-workers 2 --local-worker-threads $(( threads / 2 > 0 ? threads / 2 : 1 )) --local-worker-device cpu 2>/dev/null
+  declare -A step_sum=([none]=0 [bf16]=0)
+  for round in 1 2; do
+    for wire in none bf16; do
+      s="$work/compressed-$wire.toml"
+      spec "$s" "${filters_of[article]}" "$steps" 2 2000 "$wire"
+      rm -rf "$work/run-compressed"
+      "$bin/forger-coordinator" --spec "$s" --out "$work/run-compressed" --listen 127.0.0.1:0 \
+        --local-workers 2 --local-worker-threads $(( threads / 2 > 0 ? threads / 2 : 1 )) --local-worker-device cpu 2>/dev/null
+      step_sum[$wire]=$(python3 -c "print(${step_sum[$wire]} + $(cluster_step "$work/run-compressed"))")
+    done
   done
-  f32_step=$(cluster_step "$work/run-compressed-none"); bf16_step=$(cluster_step "$work/run-compressed-bf16")
+  f32_step=$(python3 -c "print(f'{${step_sum[none]} / 2:.4f}')"); bf16_step=$(python3 -c "print(f'{${step_sum[bf16]} / 2:.4f}')")
   add "| training, article, 2 workers: s/step | $f32_step | $bf16_step | $(ratio "$bf16_step" "$f32_step") |"
   echo "measured compressed training" >&2
 

@@ -50,20 +50,33 @@ impl RmsProp {
         }
     }
 
-    /// [`RmsProp::apply`] writing the new parameters and mean square to separate buffers, with
-    /// the same bits: the coordinator keeps the old state as its undo copy this way instead
-    /// of copying it first.
-    pub fn apply_into(&self, params: &[f32], mean_square: &[f32], grads: &[f32], out: (&mut [f32], &mut [f32])) {
-        let (new_params, new_mean_square) = out;
+    /// The parameters [`RmsProp::apply`] would leave, written to `new_params`; `params` and
+    /// `mean_square` stay as they were. With [`RmsProp::update_mean_square`] afterwards this
+    /// gives `apply`'s bits. The coordinator updates this way so that, until a step can no
+    /// longer be undone, it keeps just one spare buffer: the old parameters.
+    pub fn apply_params_into(&self, params: &[f32], mean_square: &[f32], grads: &[f32], new_params: &mut [f32]) {
         assert!(
-            [mean_square.len(), grads.len(), new_params.len(), new_mean_square.len()]
+            [mean_square.len(), grads.len(), new_params.len()]
                 .iter()
                 .all(|&n| n == params.len()),
             "optimizer buffers differ in length"
         );
-        let old = params.iter().zip(mean_square).zip(grads);
-        for (((&w, &ms), &grad), (new_w, new_ms)) in old.zip(new_params.iter_mut().zip(new_mean_square.iter_mut())) {
-            (*new_w, *new_ms) = self.step(w, ms, grad);
+        for (((&w, &ms), &grad), new_w) in params.iter().zip(mean_square).zip(grads).zip(new_params) {
+            *new_w = self.step(w, ms, grad).0;
+        }
+    }
+
+    /// The mean square [`RmsProp::apply`] leaves, computed in place from `params_before`, the
+    /// parameters the update started from, and the same `grads`.
+    pub fn update_mean_square(&self, mean_square: &mut [f32], params_before: &[f32], grads: &[f32]) {
+        assert!(
+            [params_before.len(), grads.len()]
+                .iter()
+                .all(|&n| n == mean_square.len()),
+            "optimizer buffers differ in length"
+        );
+        for ((ms, &w), &grad) in mean_square.iter_mut().zip(params_before).zip(grads) {
+            *ms = self.step(w, *ms, grad).1;
         }
     }
 
@@ -117,15 +130,17 @@ mod tests {
     }
 
     #[test]
-    fn applying_into_new_buffers_gives_the_bits_of_applying_in_place() {
+    fn parameters_then_mean_square_give_the_bits_of_applying_in_place() {
         let opt = article(2e-4);
         let params: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
         let mean_square: Vec<f32> = (0..1000).map(|i| 0.5 + (i % 13) as f32 * 0.1).collect();
         let grads: Vec<f32> = (0..1000).map(|i| (i as f32 * 1.3).cos() * 1e-2).collect();
         let (mut w, mut ms) = (params.clone(), mean_square.clone());
         opt.apply(&mut w, &mut ms, &grads);
-        let (mut new_w, mut new_ms) = (vec![0.0; 1000], vec![0.0; 1000]);
-        opt.apply_into(&params, &mean_square, &grads, (&mut new_w, &mut new_ms));
+        let mut new_w = vec![0.0; 1000];
+        opt.apply_params_into(&params, &mean_square, &grads, &mut new_w);
+        let mut new_ms = mean_square.clone();
+        opt.update_mean_square(&mut new_ms, &params, &grads);
         assert_eq!((new_w, new_ms), (w, ms));
     }
 

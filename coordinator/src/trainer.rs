@@ -60,17 +60,21 @@ const DIVERGED_AFTER: u32 = 10;
 /// scheduling hiccup look like a stuck worker.
 const STALL_FLOOR: Duration = Duration::from_secs(10);
 
-/// One network's optimizer, the streamed mean of the uploads towards it, and the buffers its
-/// next state is written to (allocated once and reused every step).
+/// One network's optimizer, the streamed mean of the uploads towards it, and the buffer its
+/// next parameters are written to (allocated once and reused every step).
+///
+/// Until a step is finished it can be undone, so its update must not destroy the state it
+/// started from. The new parameters go into `spare` while the master copy stays as it was;
+/// once every chunk is done the two swap, and `spare` holds the old parameters: the undo copy,
+/// made without copying. The master mean square is left alone until the step is finished
+/// (`commit_mean_square`), when it is computed from the old parameters and the mean, which
+/// the slot still holds; so undoing needs no copy of it at all.
 #[derive(Debug)]
 struct NetSlot {
     optimizer: RmsProp,
     mean: StreamingMean,
-    /// The update writes here while the master copy stays as it was; once every chunk is
-    /// done the two swap, and `next` holds the state from before the update: the undo copy,
-    /// made without copying.
-    next: NetState,
-    /// Set once this step's update swapped `next` and the master copy.
+    spare: Vec<f32>,
+    /// Set once this step's update swapped `spare` and the master parameters.
     updated: bool,
 }
 
@@ -79,11 +83,26 @@ impl NetSlot {
         NetSlot {
             optimizer,
             mean: StreamingMean::new(len, bn_len, compression),
-            next: NetState {
-                params: vec![0.0; len],
-                mean_square: vec![0.0; len],
-            },
+            spare: vec![0.0; len],
             updated: false,
+        }
+    }
+
+    /// Undoes this step's update of `master`, if it got that far.
+    fn undo(&mut self, master: &mut NetState) {
+        if self.updated {
+            std::mem::swap(&mut master.params, &mut self.spare);
+            self.updated = false;
+        }
+    }
+
+    /// Completes this step's update of `master`: the mean square RMSProp leaves.
+    fn commit_mean_square(&mut self, master: &mut NetState) {
+        if self.updated {
+            let len = master.params.len();
+            self.optimizer
+                .update_mean_square(&mut master.mean_square, &self.spare, self.mean.mean(0..len));
+            self.updated = false;
         }
     }
 }
@@ -386,14 +405,8 @@ impl Trainer {
                 sampler.rewind(state);
             }
             self.state.batch_norm = bn_before;
-            for (slot, master) in [
-                (&mut self.d, &mut self.state.discriminator),
-                (&mut self.g, &mut self.state.generator),
-            ] {
-                if slot.updated {
-                    std::mem::swap(master, &mut slot.next);
-                }
-            }
+            self.d.undo(&mut self.state.discriminator);
+            self.g.undo(&mut self.state.generator);
         }
         result
     }
@@ -584,7 +597,10 @@ impl Trainer {
         })
     }
 
+    /// The step can no longer be undone: its updates are completed and it becomes the state.
     fn finish_step(&mut self, step: u64) {
+        self.d.commit_mean_square(&mut self.state.discriminator);
+        self.g.commit_mean_square(&mut self.state.generator);
         for peer in self.peers.all_mut().iter_mut().filter(|p| p.trains()) {
             peer.steps_done += 1;
         }
@@ -827,19 +843,16 @@ impl Trainer {
             Net::Generator => (&mut self.g, &mut self.state.generator),
         };
         let range = slot.mean.range(chunk);
-        slot.optimizer.apply_into(
+        slot.optimizer.apply_params_into(
             &master.params[range.clone()],
             &master.mean_square[range.clone()],
             slot.mean.mean(range.clone()),
-            (
-                &mut slot.next.params[range.clone()],
-                &mut slot.next.mean_square[range.clone()],
-            ),
+            &mut slot.spare[range.clone()],
         );
-        let values = wire::f32_bytes(&slot.next.params[range.clone()]);
+        let values = wire::f32_bytes(&slot.spare[range.clone()]);
         let last = chunk + 1 == slot.mean.chunks();
         if last {
-            std::mem::swap(master, &mut slot.next);
+            std::mem::swap(&mut master.params, &mut slot.spare);
             slot.updated = true;
             // Every phase ran the generator in training mode, as each TF1 update op did, so
             // each updates the running statistics with the cluster's batch statistics.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use forger_common::compression::{ErrorFeedback, GradientCompression, bf16_bytes};
+use forger_common::compression::{ErrorFeedback, GradientCompression};
 use forger_common::layout;
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
@@ -186,9 +186,9 @@ impl FakeWorker {
             let bytes = match self.spec.cluster.gradient_compression {
                 GradientCompression::None => wire::f32_bytes(&gradient[range.clone()]),
                 // The same rounding work as a real worker's; a fake carries no residual over.
-                GradientCompression::Bf16 => {
-                    bf16_bytes(&ErrorFeedback::new(range.len()).compress(step, &gradient[range.clone()]))
-                }
+                GradientCompression::Bf16 => ErrorFeedback::new(range.len())
+                    .compress(step, &gradient[range.clone()])
+                    .into(),
             };
             self.send(Out::Gradient(pb::GradientChunk {
                 step,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use forger_common::compression::{ErrorFeedback, GradientCompression, bf16_bytes, bf16_to_f32};
+use forger_common::compression::{ErrorFeedback, GradientCompression, widen_all};
 use forger_common::wire;
 
 use crate::replica::Net;
@@ -29,7 +29,7 @@ impl GradientEncoder {
         match self.compression {
             GradientCompression::None => wire::f32_bytes(gradient),
             GradientCompression::Bf16 => {
-                bf16_bytes(&self.feedback(shard, net, gradient.len()).compress(step, gradient))
+                Bytes::from(self.feedback(shard, net, gradient.len()).compress(step, gradient))
             }
         }
     }
@@ -40,7 +40,7 @@ impl GradientEncoder {
         match self.compression {
             GradientCompression::None => gradient,
             GradientCompression::Bf16 => {
-                bf16_to_f32(&self.feedback(shard, net, gradient.len()).compress(step, &gradient))
+                widen_all(&self.feedback(shard, net, gradient.len()).compress(step, &gradient))
             }
         }
     }

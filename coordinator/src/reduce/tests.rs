@@ -167,13 +167,13 @@ fn malformed_uploads_are_refused() {
 
 #[test]
 fn bf16_chunks_give_the_bits_of_the_mean_of_what_they_decode_to() {
-    use forger_common::compression::{ErrorFeedback, bf16_bytes, bf16_to_f32};
+    use forger_common::compression::{ErrorFeedback, widen_all};
     let len = CHUNK_VALUES + 77;
     let samples = [16u32, 12];
     let sent: Vec<_> = (0..2)
         .map(|s| ErrorFeedback::new(len).compress(1, &values(s + 1, len)))
         .collect();
-    let decoded: Vec<Vec<f32>> = sent.iter().map(|v| bf16_to_f32(v)).collect();
+    let decoded: Vec<Vec<f32>> = sent.iter().map(|v| widen_all(v)).collect();
     let mut expected = vec![0.0; len];
     let weighted: Vec<(&[f32], u32)> = decoded.iter().map(Vec::as_slice).zip(samples).collect();
     weighted_average(&weighted, &mut expected);
@@ -182,7 +182,7 @@ fn bf16_chunks_give_the_bits_of_the_mean_of_what_they_decode_to() {
     mean.begin(&[(0, samples[0]), (1, samples[1])]);
     // Shard 1 first, so its chunks wait for shard 0's.
     for shard in [1u32, 0] {
-        let bytes = bf16_bytes(&sent[shard as usize]);
+        let bytes = Bytes::from(sent[shard as usize].clone());
         for c in 0..chunk_count(len) {
             let range = chunk_range(c, len);
             let last = c + 1 == chunk_count(len);
