@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use forger_common::checkpoint;
+use forger_common::compression::GradientCompression;
 use forger_tests::processes::{Process, free_local_address, latest_step, wait_for_step};
 use forger_tests::reference::{Reference, events, fault_spec};
 use forger_tests::{TestCoordinator, metric_lines};
@@ -301,4 +302,75 @@ async fn a_frozen_worker_is_evicted_by_its_silence_and_rejoins_when_thawed() {
             .contains("heartbeat")
     );
     assert_same_training(run.path(), reference);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_bf16_gradients_a_lost_worker_costs_only_its_shards_residuals() {
+    // The error-feedback residuals live in the workers, not in checkpoints: a shard that moves
+    // to a survivor starts there from zero. Up to the loss the run is the undisturbed one bit
+    // for bit; after it, the result differs by a dropped residual: about as much as bf16
+    // rounding itself changes against f32 (both under 2e-7 when this was written).
+    let mut spec = fault_spec(STEPS);
+    spec.cluster.gradient_compression = GradientCompression::Bf16;
+    let undisturbed = Reference::compute(spec.clone(), LIMIT).await;
+    let exact = reference().await;
+    let step = 7;
+    let run = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let coordinator = TestCoordinator::start(spec, run.path(), false, None).await;
+    let url = coordinator.url();
+    let mut survivors = [
+        Process::worker("a", &url, logs.path(), None),
+        Process::worker("b", &url, logs.path(), None),
+    ];
+    let mut doomed = Process::worker(
+        "doomed",
+        &url,
+        logs.path(),
+        Some(&format!("worker-after-losses=return({step})")),
+    );
+    let summary = coordinator
+        .finish(LIMIT)
+        .await
+        .expect("the run finishes without the lost worker");
+    assert!(!doomed.wait(LIMIT).success(), "the worker crashed itself");
+    assert_eq!((summary.step, summary.evictions, summary.retries), (STEPS, 1, 1));
+    for worker in &mut survivors {
+        assert!(worker.wait(LIMIT).success(), "{}", worker.log_text());
+    }
+    let metrics = metric_lines(run.path());
+    for (line, expected) in metrics.iter().zip(&undisturbed.metrics).take(step as usize) {
+        // The loss is measured before step 7's gradients, so step 7's losses still agree.
+        for key in ["loss_d", "loss_g", "train_d", "train_g"] {
+            assert_eq!(line[key], expected[key], "step {}: {key}", line["step"]);
+        }
+    }
+    let last = checkpoint::load(&run.path().join("checkpoints").join(checkpoint::file_name(STEPS)))
+        .unwrap()
+        .state;
+    let largest_difference = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    for (net, disturbed, rounded, f32_run) in [
+        (
+            "D",
+            &last.discriminator.params,
+            &undisturbed.last.discriminator.params,
+            &exact.last.discriminator.params,
+        ),
+        (
+            "G",
+            &last.generator.params,
+            &undisturbed.last.generator.params,
+            &exact.last.generator.params,
+        ),
+    ] {
+        assert!(disturbed.iter().all(|v| v.is_finite()), "{net}: parameters stay finite");
+        let lost = largest_difference(disturbed, rounded);
+        let rounding = largest_difference(f32_run, rounded);
+        eprintln!("{net}: dropped residual moved parameters by {lost}, bf16 against f32 by {rounding}");
+        assert!(
+            lost > 0.0,
+            "{net}: the moved shard's residual was dropped, so something differs"
+        );
+        assert!(lost < 1e-5, "{net}: a dropped residual moved a parameter by {lost}");
+    }
 }
