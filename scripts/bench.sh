@@ -12,7 +12,8 @@
 #     100,000 images of the article model;
 #  5. bf16 gradient compression against f32: bytes, the exchange's and training's speed, and
 #     the losses of a longer run (`cluster.gradient_compression`).
-# Settings (environment): FORGER_BENCH_THREADS (total threads, default 2),
+# Settings (environment): FORGER_BENCH_THREADS (total threads, default 2), FORGER_BENCH_ROUNDS
+#   (3: rounds of the throughput comparison, each system in turn),
 #   FORGER_BENCH_STEPS_SMALL (30), FORGER_BENCH_STEPS_ARTICLE (8), FORGER_BENCH_STEPS_LOSS
 #   (500, the compression section's loss runs), FORGER_BENCH_DATA
 #   (../shared/data/faces), FORGER_BENCH_DEVICE (cpu; `cuda` on a GPU machine, where the DDP
@@ -25,6 +26,7 @@ scripts/setup.sh >&2
 source scripts/env.sh
 bin="${CARGO_TARGET_DIR:-target}/release"
 threads="${FORGER_BENCH_THREADS:-2}"
+rounds="${FORGER_BENCH_ROUNDS:-3}"
 device="${FORGER_BENCH_DEVICE:-cpu}"
 data="$(realpath "${FORGER_BENCH_DATA:-../shared/data/faces}")"
 all_sections="throughput exchange reduce memory compression"
@@ -62,15 +64,18 @@ json() { # field, from the JSON on stdin
   python3 -c "import json, sys; print(json.load(sys.stdin)$1)"
 }
 
-# Mean seconds per step, leaving out the first (allocations, kernel loading), from a run
-# directory's metrics.jsonl.
+# Median seconds per step, leaving out the first (allocations, kernel loading), from a run
+# directory's metrics.jsonl. Medians, here and below: on a shared machine, noise only ever
+# adds time, in bursts that a mean takes in and a median leaves out.
 cluster_step() {
   python3 - "$1" <<'PY'
-import json, sys
+import json, statistics, sys
 lines = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")][1:]
-print(f'{sum(l["seconds"] for l in lines) / len(lines):.4f}')
+print(f'{statistics.median(l["seconds"] for l in lines):.4f}')
 PY
 }
+
+median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.4f}')" "$@"; }
 
 ratio() { python3 -c "print(f'{($1 / $2 - 1) * 100:+.1f}%')"; }
 rate() { python3 -c "print(f'{$1 * 16 / $2:.2f}')"; } # shards, seconds per step
@@ -85,7 +90,9 @@ if [[ " $sections " == *" throughput "* ]]; then
   add ""
   add "### Training throughput"
   add ""
-  add "Batch 16 per worker, dropout 0, $threads libtorch threads in total in every column, first step left out."
+  add "Batch 16 per worker, dropout 0, $threads libtorch threads in total in every column. Each figure is the"
+  add "median over $rounds rounds, taken in turn (single process, forger, DDP, then again), of a run's median"
+  add "step time, its first step left out."
   add ""
   add "| model | workers x threads | single process s/step | forger s/step | DDP s/step | forger images/s | DDP images/s | forger vs single process | forger vs DDP (time) |"
   add "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -96,16 +103,22 @@ if [[ " $sections " == *" throughput "* ]]; then
       s="$work/$model-$workers.toml"
       spec "$s" "$filters" "$steps" "$workers" 2000
       per_worker=$((threads / workers)); [ "$per_worker" -ge 1 ] || per_worker=1
-      single=$("$bin/forger-worker" bench --spec "$s" --steps "$steps" --threads "$threads" --device "$device" 2>/dev/null \
-        | json '["mean_step_seconds"]')
-      single=$(printf '%.4f' "$single")
-      "$bin/forger-coordinator" --spec "$s" --out "$work/run-$model-$workers" --listen 127.0.0.1:0 \
-        --local-workers "$workers" --local-worker-threads "$per_worker" --local-worker-device "$device" 2>/dev/null
-      forger=$(cluster_step "$work/run-$model-$workers")
+      singles=(); forgers=(); ddps=()
+      for round in $(seq "$rounds"); do
+        singles+=("$("$bin/forger-worker" bench --spec "$s" --steps "$steps" --threads "$threads" --device "$device" \
+          2>/dev/null | json '["median_step_seconds"]')")
+        rm -rf "$work/run-$model-$workers"
+        "$bin/forger-coordinator" --spec "$s" --out "$work/run-$model-$workers" --listen 127.0.0.1:0 \
+          --local-workers "$workers" --local-worker-threads "$per_worker" --local-worker-device "$device" 2>/dev/null
+        forgers+=("$(cluster_step "$work/run-$model-$workers")")
+        if [ "$device" = cpu ]; then
+          ddps+=("$("$python" scripts/ddp_bench.py --workers "$workers" --threads "$per_worker" --steps "$steps" \
+            --filters "$filters" 2>/dev/null | json '["median_step_seconds"]')")
+        fi
+      done
+      single=$(median "${singles[@]}"); forger=$(median "${forgers[@]}")
       if [ "$device" = cpu ]; then
-        ddp=$("$python" scripts/ddp_bench.py --workers "$workers" --threads "$per_worker" --steps "$steps" \
-          --filters "$filters" 2>/dev/null | json '["mean_step_seconds"]')
-        ddp=$(printf '%.4f' "$ddp")
+        ddp=$(median "${ddps[@]}")
         ddp_rate=$(rate "$workers" "$ddp"); vs_ddp=$(ratio "$forger" "$ddp")
       else
         ddp="n/a"; ddp_rate="n/a"; vs_ddp="n/a"
@@ -240,7 +253,7 @@ if [[ " $sections " == *" compression "* ]]; then
   add ""
   add "\`cluster.gradient_compression = \"bf16\"\`: gradients go up as bf16 with error feedback,"
   add "parameters come back as f32. The exchange as above (20 steps; medians of 3 runs) and forger's"
-  add "training step (article model, 2 workers x 1 thread, ${FORGER_BENCH_STEPS_ARTICLE:-8} steps; mean of 2 runs),"
+  add "training step (article model, 2 workers x 1 thread, ${FORGER_BENCH_STEPS_ARTICLE:-8} steps; mean of 2 runs' median steps),"
   add "f32 and bf16 runs taking turns so that both see the same machine."
   add ""
   add "| measured | f32 | bf16 | bf16 vs f32 |"

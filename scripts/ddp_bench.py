@@ -15,6 +15,7 @@ Prints one JSON line on stdout (rank 0); everything else goes to stderr.
 """
 import argparse
 import json
+import statistics
 import os
 import socket
 import sys
@@ -219,10 +220,12 @@ def worker(rank, args, port):
     if rank == 0:
         timed = times[1:]  # the first step pays for allocations and thread start-up
         mean = sum(timed) / len(timed)
+        median = statistics.median(timed)
         log(f"skipped D in {skipped['d']} and G in {skipped['g']} of {args.steps} steps")
         print(json.dumps({
             "workers": args.workers, "threads_per_worker": args.threads, "steps_timed": len(timed),
             "mean_step_seconds": round(mean, 6),
+            "median_step_seconds": round(median, 6),
             "images_per_second": round(args.workers * args.batch / mean, 3),
             "params_d": params_d, "params_g": params_g, "torch": torch.__version__,
         }), flush=True)

@@ -135,6 +135,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         // The first step pays for allocations and kernel loading; the rate leaves it out.
         let settled: f64 = report.step_seconds.iter().skip(1).sum();
         let per_step_images = report.images as f64 / steps as f64;
+        let mut settled_steps: Vec<f64> = report.step_seconds.iter().skip(1).copied().collect();
+        settled_steps.sort_by(f64::total_cmp);
+        let middle = settled_steps.len() / 2;
+        let median = match settled_steps.len() {
+            0 => total,
+            n if n % 2 == 1 => settled_steps[middle],
+            _ => (settled_steps[middle - 1] + settled_steps[middle]) / 2.0,
+        };
         let line = serde_json::json!({
             "steps": steps,
             "threads": threads,
@@ -143,6 +151,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             "seconds": total,
             "first_step_seconds": report.step_seconds[0],
             "mean_step_seconds": if steps > 1 { settled / (steps - 1) as f64 } else { total },
+            "median_step_seconds": median,
             "images_per_second": if steps > 1 { per_step_images * (steps - 1) as f64 / settled } else { per_step_images / total },
             "loss_d": report.losses.iter().map(|l| l.0).collect::<Vec<_>>(),
             "loss_g": report.losses.iter().map(|l| l.1).collect::<Vec<_>>(),
