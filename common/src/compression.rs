@@ -11,15 +11,38 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How workers encode gradients for the coordinator (`cluster.gradient_compression`).
+/// How workers encode gradients for the coordinator (`cluster.gradient_compression`). In the
+/// spec it is a string; serde's default enum form would also take a table such as
+/// `{ bf16 = {} }`, which no user means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum GradientCompression {
     /// Little-endian f32: exact.
     #[default]
     None,
     /// Little-endian bf16 with error feedback: half the bytes.
     Bf16,
+}
+
+impl TryFrom<String> for GradientCompression {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        match name.as_str() {
+            "none" => Ok(GradientCompression::None),
+            "bf16" => Ok(GradientCompression::Bf16),
+            other => Err(format!("expected \"none\" or \"bf16\", found {other:?}")),
+        }
+    }
+}
+
+impl From<GradientCompression> for &'static str {
+    fn from(compression: GradientCompression) -> &'static str {
+        match compression {
+            GradientCompression::None => "none",
+            GradientCompression::Bf16 => "bf16",
+        }
+    }
 }
 
 impl GradientCompression {

@@ -614,9 +614,14 @@ mod tests {
         let spec = JobSpec::parse(&text, "test").unwrap();
         assert_eq!(spec.cluster.gradient_compression, GradientCompression::Bf16);
         assert_eq!(JobSpec::parse(&spec.to_toml(), "again").unwrap(), spec);
+        for wrong in ["\"fp8\"", "\"BF16\"", "3", "{ bf16 = {} }"] {
+            let text = format!("{MINIMAL}[cluster]\ngradient_compression = {wrong}\n");
+            let err = JobSpec::parse(&text, "test").unwrap_err().to_string();
+            assert!(err.contains("gradient_compression"), "{wrong}: {err}");
+        }
         let text = format!("{MINIMAL}[cluster]\ngradient_compression = \"fp8\"\n");
         let err = JobSpec::parse(&text, "test").unwrap_err().to_string();
-        assert!(err.contains("gradient_compression") && err.contains("bf16"), "{err}");
+        assert!(err.contains(r#"expected "none" or "bf16", found "fp8""#), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::registry::{Connect, Registry, WorkerInfo};
 
@@ -160,8 +160,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                     }
                 }
             };
-            // Routine when a run ends; a loss mid-run is reported by the trainer with its step.
-            info!(worker = id, %reason, "session ended");
+            // Routine when a run ends (a dismissed worker drops its connection, which h2 reports
+            // as an error); a loss mid-run is reported by the trainer, with its step, as a warning.
+            debug!(worker = id, %reason, "session ended");
             let _ = events.send(Inbound::Closed { worker: id, reason }).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))

@@ -259,11 +259,14 @@ impl Trainer {
         });
         match &result {
             Ok(summary) => {
-                let reason = if summary.interrupted {
-                    "the run was stopped"
+                let (reason, event) = if summary.interrupted {
+                    ("the run was stopped", "stopped")
                 } else {
-                    "the run is complete"
+                    ("the run is complete", "finished")
                 };
+                let workers = self.peers.all().len();
+                self.history
+                    .record(summary.step, event, serde_json::json!({ "workers_dismissed": workers }));
                 self.peers.dismiss_all(reason).await;
             }
             Err(e) => {
@@ -275,6 +278,8 @@ impl Trainer {
                         Err(save) => warn!(error = %save, "could not save the emergency checkpoint"),
                     }
                 }
+                self.history
+                    .record(self.state.step, "failed", serde_json::json!({ "error": e.to_string() }));
                 self.peers.dismiss_all(&format!("the run failed: {e}")).await;
             }
         }

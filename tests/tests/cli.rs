@@ -235,6 +235,9 @@ fn ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes() {
             .is_file()
     );
     assert_eq!(metric_lines(&run).len() as u64, stopped_at);
+    let stopped = forger_tests::reference::events(&run, "stopped");
+    assert_eq!(stopped.len(), 1, "{stopped:?}");
+    assert_eq!(stopped[0]["step"], stopped_at);
 
     // Aim the resumed run a few steps past the stop.
     let text = std::fs::read_to_string(&spec)

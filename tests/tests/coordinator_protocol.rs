@@ -794,6 +794,9 @@ async fn non_finite_losses_everywhere_for_ten_steps_stop_the_run_as_diverged() {
     let metrics = metric_lines(run.path());
     assert_eq!(metrics.len(), 9);
     assert!(metrics.iter().all(|m| m["skipped"] == true && m["loss_d"].is_null()));
+    let failed = events(run.path(), "failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0]["error"].as_str().unwrap().contains("diverged"), "{failed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,12 @@ async fn kill_one_worker_at(point: &str, step: u64) {
     let evicted = events(run.path(), "evicted");
     assert_eq!(evicted.len(), 1, "{evicted:?}");
     assert_eq!(evicted[0]["step"], step);
+    let finished = events(run.path(), "finished");
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(
+        (finished[0]["step"].as_u64(), finished[0]["workers_dismissed"].as_u64()),
+        (Some(STEPS), Some(2))
+    );
     let metrics = metric_lines(run.path());
     let at = &metrics[step as usize - 1];
     assert_eq!((at["attempts"].as_u64(), at["workers"].as_u64()), (Some(2), Some(2)));

@@ -73,10 +73,7 @@ samples = 4
         limit = 64 * config.workers,
         steps = config.steps,
         workers = config.workers,
-        compression = match config.compression {
-            GradientCompression::None => "none",
-            GradientCompression::Bf16 => "bf16",
-        },
+        compression = <&str>::from(config.compression),
     ))
 }
 
@@ -212,7 +209,7 @@ pub fn run(config: &Config) -> anyhow::Result<Value> {
         "g_values": lens.g,
         "gradient_bytes_per_step": up,
         "param_bytes_per_step": down,
-        "gradient_compression": format!("{:?}", config.compression).to_lowercase(),
+        "gradient_compression": <&str>::from(config.compression),
         "mean_step_s": step_s,
         "median_step_s": median(&seconds),
         "min_step_s": seconds.iter().copied().fold(f64::INFINITY, f64::min),
