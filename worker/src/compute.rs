@@ -317,7 +317,7 @@ impl Worker {
             } = contribution;
             let chunks = gradient.len().div_ceil(CHUNK_VALUES).max(1);
             let bytes = self.encoder.encode(step, shard, net, &gradient);
-            let value_bytes = bytes.len() / gradient.len().max(1);
+            let value_bytes = self.encoder.value_bytes();
             let mut bn_stats = Some(bn_stats);
             for c in 0..chunks {
                 if phase == pb::Phase::Discriminator && sent == total_chunks / 2 {

@@ -24,6 +24,11 @@ impl GradientEncoder {
         }
     }
 
+    /// Bytes per value in what `encode` returns.
+    pub fn value_bytes(&self) -> usize {
+        self.compression.value_bytes()
+    }
+
     /// The wire bytes of `shard`'s gradient of `net` at `step`.
     pub fn encode(&mut self, step: u64, shard: u32, net: Net, gradient: &[f32]) -> Bytes {
         match self.compression {
