@@ -745,31 +745,35 @@ async fn a_stop_while_waiting_for_workers_ends_at_once_and_dismisses_who_came() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_leaves_before_the_start_is_replaced() {
     // Two places, so one departure happens while the coordinator is still gathering.
-    let (_data, _run, coordinator) = tiny_cluster(2, 1).await;
+    let (_data, run, coordinator) = tiny_cluster(2, 1).await;
     let leaver = FakeWorker::join(&coordinator.url()).await;
     assert_eq!(leaver.rank, 0);
     drop(leaver);
-    // Its place is free again once its session has closed.
-    let mut replacement = None;
-    for _ in 0..50 {
-        let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
-            .await
-            .unwrap();
-        let probe = client
-            .join(pb::JoinRequest {
-                protocol_version: forger_proto::PROTOCOL_VERSION,
-                host: "probe".into(),
-                device: "none".into(),
-                threads: 1,
-            })
-            .await;
-        if let Ok(reply) = probe {
-            replacement = Some(reply.into_inner());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // The coordinator writes the departure down once it has freed the place. A probe sent
+    // before that would be given the other free place, so wait for the record first.
+    let waited = std::time::Instant::now();
+    while events(run.path(), "evicted").is_empty() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the departure was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let reply = replacement.expect("the departed worker's place was freed");
+    let departed = events(run.path(), "evicted");
+    assert_eq!(departed[0]["phase"], "before training", "{departed:?}");
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
+        .await
+        .unwrap();
+    let reply = client
+        .join(pb::JoinRequest {
+            protocol_version: forger_proto::PROTOCOL_VERSION,
+            host: "probe".into(),
+            device: "none".into(),
+            threads: 1,
+        })
+        .await
+        .expect("the departed worker's place was freed")
+        .into_inner();
     assert_eq!(reply.rank, 0);
     drop(coordinator);
 }
