@@ -54,14 +54,25 @@ impl GradientCompression {
         }
     }
 
-    /// The value at `bytes`, which is `value_bytes()` long.
-    #[inline]
-    pub fn decode(self, bytes: &[u8]) -> f32 {
+    /// Adds `weight` times each value encoded in `bytes` to `sum` (as long as `sum` has values),
+    /// in order; returns false if a value is not finite. One loop per encoding, so each is
+    /// compiled, and vectorised, with its own decoding.
+    pub fn add_weighted(self, sum: &mut [f32], bytes: &[u8], weight: f32) -> bool {
         match self {
-            GradientCompression::None => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
-            GradientCompression::Bf16 => widen(u16::from_le_bytes([bytes[0], bytes[1]])),
+            GradientCompression::None => add_decoded(sum, bytes, weight, f32::from_le_bytes),
+            GradientCompression::Bf16 => add_decoded(sum, bytes, weight, |b| widen(u16::from_le_bytes(b))),
         }
     }
+}
+
+fn add_decoded<const N: usize>(sum: &mut [f32], bytes: &[u8], weight: f32, decode: impl Fn([u8; N]) -> f32) -> bool {
+    let mut finite = true;
+    for (acc, value) in sum.iter_mut().zip(bytes.chunks_exact(N)) {
+        let v = decode(value.try_into().expect("chunks_exact gives N bytes"));
+        finite &= v.is_finite();
+        *acc += weight * v;
+    }
+    finite
 }
 
 /// One shard's residual for one network, kept by the worker that computes the shard.
@@ -290,12 +301,17 @@ mod tests {
     }
 
     #[test]
-    fn decode_reads_both_encodings() {
-        assert_eq!(
-            GradientCompression::Bf16.decode(&round_to_bf16(-2.5).to_le_bytes()),
-            -2.5
-        );
-        assert_eq!(GradientCompression::None.decode(&1.25f32.to_le_bytes()), 1.25);
+    fn both_encodings_add_weighted_values_and_report_non_finite_ones() {
+        let mut sum = [1.0f32, 1.0];
+        let bf16: Vec<u8> = [-2.5f32, 4.0]
+            .iter()
+            .flat_map(|&v| round_to_bf16(v).to_le_bytes())
+            .collect();
+        assert!(GradientCompression::Bf16.add_weighted(&mut sum, &bf16, 0.5));
+        assert_eq!(sum, [-0.25, 3.0]);
+        let f32s: Vec<u8> = [1.25f32, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(!GradientCompression::None.add_weighted(&mut sum, &f32s, 2.0));
+        assert_eq!(sum[0], 2.25);
         assert_eq!(GradientCompression::Bf16.value_bytes(), 2);
     }
 }

@@ -261,16 +261,7 @@ impl StreamingMean {
     fn add(&mut self, position: usize, c: usize, bytes: &[u8]) -> bool {
         let weight = self.parts[position].weight;
         let range = chunk_range(c, self.len);
-        let compression = self.compression;
-        let mut finite = true;
-        for (acc, value) in self.sum[range]
-            .iter_mut()
-            .zip(bytes.chunks_exact(compression.value_bytes()))
-        {
-            let v = compression.decode(value);
-            finite &= v.is_finite();
-            *acc += weight * v;
-        }
+        let finite = self.compression.add_weighted(&mut self.sum[range], bytes, weight);
         self.summed[c] += 1;
         finite
     }

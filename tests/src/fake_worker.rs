@@ -1,9 +1,11 @@
 //! A worker that speaks forger's protocol without libtorch: it answers with losses and
 //! gradients the test chooses, and records what the coordinator sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
 use forger_common::compression::{ErrorFeedback, GradientCompression};
 use forger_common::layout;
 use forger_common::spec::JobSpec;
@@ -33,6 +35,8 @@ pub struct FakeWorker {
     outbound: mpsc::Sender<pb::WorkerMessage>,
     inbound: Streaming<pb::CoordinatorMessage>,
     heartbeats: JoinHandle<()>,
+    /// With bf16 gradients: each (shard, phase)'s error-feedback residual.
+    residuals: Mutex<HashMap<(u32, i32), ErrorFeedback>>,
 }
 
 impl Drop for FakeWorker {
@@ -92,6 +96,7 @@ impl FakeWorker {
             outbound,
             inbound,
             heartbeats,
+            residuals: Mutex::new(HashMap::new()),
         }
     }
 
@@ -179,17 +184,25 @@ impl FakeWorker {
         bn_stats: Vec<f32>,
     ) {
         let chunks = gradient.len().div_ceil(CHUNK_VALUES);
+        let compression = self.spec.cluster.gradient_compression;
+        // Encoded whole, then sliced, as a real worker does; with bf16 the residual is kept
+        // per shard and phase across steps, so the work per step is a real worker's too.
+        let encoded = match compression {
+            GradientCompression::None => wire::f32_bytes(gradient),
+            GradientCompression::Bf16 => {
+                let mut residuals = self.residuals.lock().expect("residuals lock");
+                let feedback = residuals
+                    .entry((shard, phase as i32))
+                    .or_insert_with(|| ErrorFeedback::new(gradient.len()));
+                Bytes::from(feedback.compress(step, gradient))
+            }
+        };
+        let value_bytes = compression.value_bytes();
         let mut bn_stats = Some(bn_stats);
         for c in 0..chunks {
             let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(gradient.len());
             let last = c + 1 == chunks;
-            let bytes = match self.spec.cluster.gradient_compression {
-                GradientCompression::None => wire::f32_bytes(&gradient[range.clone()]),
-                // The same rounding work as a real worker's; a fake carries no residual over.
-                GradientCompression::Bf16 => ErrorFeedback::new(range.len())
-                    .compress(step, &gradient[range.clone()])
-                    .into(),
-            };
+            let bytes = encoded.slice(range.start * value_bytes..range.end * value_bytes);
             self.send(Out::Gradient(pb::GradientChunk {
                 step,
                 attempt,

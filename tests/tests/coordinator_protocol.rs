@@ -52,6 +52,21 @@ async fn join(coordinator: &TestCoordinator, count: usize) -> Vec<FakeWorker> {
     workers
 }
 
+/// A bare Join from `host`, of this build's protocol version, with no session after it.
+async fn join_request(
+    client: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    host: &str,
+) -> Result<tonic::Response<pb::JoinReply>, tonic::Status> {
+    client
+        .join(pb::JoinRequest {
+            protocol_version: forger_proto::PROTOCOL_VERSION,
+            host: host.into(),
+            device: "none".into(),
+            threads: 1,
+        })
+        .await
+}
+
 /// The error a run ends with; the run must fail within 30 s.
 async fn run_error(coordinator: TestCoordinator) -> String {
     coordinator
@@ -671,15 +686,7 @@ async fn a_worker_beyond_the_spec_is_told_the_cluster_is_full() {
     let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
         .await
         .unwrap();
-    let status = client
-        .join(pb::JoinRequest {
-            protocol_version: forger_proto::PROTOCOL_VERSION,
-            host: "extra".into(),
-            device: "none".into(),
-            threads: 1,
-        })
-        .await
-        .unwrap_err();
+    let status = join_request(&mut client, "extra").await.unwrap_err();
     // Resource-exhausted: a worker retries, since a place frees when another is evicted.
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(status.message().contains("full"), "{}", status.message());
@@ -764,13 +771,7 @@ async fn a_worker_that_leaves_before_the_start_is_replaced() {
     let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
         .await
         .unwrap();
-    let reply = client
-        .join(pb::JoinRequest {
-            protocol_version: forger_proto::PROTOCOL_VERSION,
-            host: "probe".into(),
-            device: "none".into(),
-            threads: 1,
-        })
+    let reply = join_request(&mut client, "probe")
         .await
         .expect("the departed worker's place was freed")
         .into_inner();
