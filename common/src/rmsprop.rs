@@ -50,33 +50,31 @@ impl RmsProp {
         }
     }
 
-    /// The parameters [`RmsProp::apply`] would leave, written to `new_params`; `params` and
-    /// `mean_square` stay as they were. With [`RmsProp::update_mean_square`] afterwards this
-    /// gives `apply`'s bits. The coordinator updates this way so that, until a step can no
-    /// longer be undone, it keeps just one spare buffer: the old parameters.
-    pub fn apply_params_into(&self, params: &[f32], mean_square: &[f32], grads: &[f32], new_params: &mut [f32]) {
+    /// [`RmsProp::apply`] with its results written elsewhere: the new parameters into
+    /// `new_params`, and the new mean square over the gradients in `grads_then_mean_square`;
+    /// `params` and `mean_square` stay as they were. The coordinator updates this way so that,
+    /// until a step can no longer be undone, the state it started from is intact, with no
+    /// buffer beyond the reduce buffer (which held the gradients) and one spare.
+    pub fn apply_into(
+        &self,
+        params: &[f32],
+        mean_square: &[f32],
+        grads_then_mean_square: &mut [f32],
+        new_params: &mut [f32],
+    ) {
         assert!(
-            [mean_square.len(), grads.len(), new_params.len()]
+            [mean_square.len(), grads_then_mean_square.len(), new_params.len()]
                 .iter()
                 .all(|&n| n == params.len()),
             "optimizer buffers differ in length"
         );
-        for (((&w, &ms), &grad), new_w) in params.iter().zip(mean_square).zip(grads).zip(new_params) {
-            *new_w = self.step(w, ms, grad).0;
-        }
-    }
-
-    /// The mean square [`RmsProp::apply`] leaves, computed in place from `params_before`, the
-    /// parameters the update started from, and the same `grads`.
-    pub fn update_mean_square(&self, mean_square: &mut [f32], params_before: &[f32], grads: &[f32]) {
-        assert!(
-            [params_before.len(), grads.len()]
-                .iter()
-                .all(|&n| n == mean_square.len()),
-            "optimizer buffers differ in length"
-        );
-        for ((ms, &w), &grad) in mean_square.iter_mut().zip(params_before).zip(grads) {
-            *ms = self.step(w, *ms, grad).1;
+        for (((&w, &ms), grad), new_w) in params
+            .iter()
+            .zip(mean_square)
+            .zip(grads_then_mean_square.iter_mut())
+            .zip(new_params)
+        {
+            (*new_w, *grad) = self.step(w, ms, *grad);
         }
     }
 
@@ -130,7 +128,7 @@ mod tests {
     }
 
     #[test]
-    fn parameters_then_mean_square_give_the_bits_of_applying_in_place() {
+    fn applying_into_other_buffers_gives_the_bits_of_applying_in_place() {
         let opt = article(2e-4);
         let params: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
         let mean_square: Vec<f32> = (0..1000).map(|i| 0.5 + (i % 13) as f32 * 0.1).collect();
@@ -138,10 +136,11 @@ mod tests {
         let (mut w, mut ms) = (params.clone(), mean_square.clone());
         opt.apply(&mut w, &mut ms, &grads);
         let mut new_w = vec![0.0; 1000];
-        opt.apply_params_into(&params, &mean_square, &grads, &mut new_w);
-        let mut new_ms = mean_square.clone();
-        opt.update_mean_square(&mut new_ms, &params, &grads);
+        let mut new_ms = grads.clone();
+        let (params_before, mean_square_before) = (params.clone(), mean_square.clone());
+        opt.apply_into(&params, &mean_square, &mut new_ms, &mut new_w);
         assert_eq!((new_w, new_ms), (w, ms));
+        assert_eq!((params, mean_square), (params_before, mean_square_before));
     }
 
     #[test]

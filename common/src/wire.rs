@@ -28,6 +28,20 @@ pub fn f32_bytes(values: &[f32]) -> bytes::Bytes {
     bytes::Bytes::copy_from_slice(bytemuck::cast_slice(values))
 }
 
+/// `values` as little-endian bytes without copying them: the buffer becomes the bytes' owner.
+pub fn f32_bytes_owned(values: Vec<f32>) -> bytes::Bytes {
+    bytes::Bytes::from_owner(F32Bytes(values))
+}
+
+/// A `Vec<f32>` seen as its bytes (f32 memory is the wire format, see above).
+struct F32Bytes(Vec<f32>);
+
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
 /// Decodes little-endian bytes into `out`, which must hold exactly `bytes.len() / 4` values.
 /// Returns `false` when the lengths do not fit.
 pub fn le_bytes_to_f32(bytes: &[u8], out: &mut [f32]) -> bool {
@@ -61,6 +75,8 @@ mod tests {
         assert!(le_bytes_to_f32(&bytes, &mut back));
         assert_eq!(values, back);
         assert!(!le_bytes_to_f32(&bytes[..15], &mut back));
+        assert_eq!(&f32_bytes_owned(values.to_vec())[..], &bytes[..]);
+        assert_eq!(f32_bytes(&values), f32_bytes_owned(values.to_vec()));
     }
 
     #[test]

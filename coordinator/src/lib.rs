@@ -4,14 +4,18 @@
 //!
 //! - [`serve`]: the entry point; takes a bound listener and a shutdown future.
 //! - `registry`, `service`: Join, FetchShard and Session over gRPC.
+//! - `listener`, `data_link`: the one port's second kind of connection, the workers' data
+//!   connections carrying gradients and parameters.
 //! - `peers`: the trainer's handle on the worker sessions, with heartbeats and eviction.
 //! - `assignment`: which worker holds which data shards.
 //! - `trainer`: the step loop; `reduce`: chunk assembly and rank-order averaging.
 //! - `run_dir`: checkpoints, samples, metrics; `local`: `--local-workers`.
 
 mod assignment;
+mod data_link;
 pub use forger_common::dataset;
 mod error;
+mod listener;
 pub mod local;
 mod peers;
 pub mod reduce;

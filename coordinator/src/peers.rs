@@ -5,6 +5,7 @@
 //! A worker's session may open at any time; it becomes a peer at once, but takes part in
 //! training only after the trainer has assigned it shards between two steps.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use forger_proto::pb;
@@ -22,6 +23,11 @@ use crate::service::Inbound;
 pub struct Peer {
     pub info: WorkerInfo,
     outbound: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    /// Parameter chunks go on the data connection, the rest on the Session; each is stamped
+    /// with how many of the other kind went before it (`forger_proto::order`).
+    data: mpsc::Sender<pb::ParamsChunk>,
+    session_sent: AtomicU64,
+    data_sent: AtomicU64,
     /// The shards whose data the worker holds; empty until it is admitted.
     pub shards: Vec<u32>,
     /// Shards it was told to hold and has not yet confirmed with a Ready.
@@ -40,6 +46,36 @@ impl Peer {
     /// Whether the worker computes for the step in flight.
     pub fn trains(&self) -> bool {
         !self.shards.is_empty()
+    }
+
+    /// Puts `message` on the channel it travels by; `Err` when that channel is closed. A send
+    /// abandoned half-way (a deadline) counts nothing, so the stamps stay true.
+    async fn deliver(&self, message: pb::CoordinatorMessage) -> std::result::Result<(), ()> {
+        match message.kind {
+            Some(pb::coordinator_message::Kind::Params(mut chunk)) => {
+                chunk.session_messages_before = self.session_sent.load(Ordering::Relaxed);
+                self.data.send(chunk).await.map_err(|_| ())?;
+                self.data_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            kind => {
+                let message = pb::CoordinatorMessage {
+                    data_frames_before: self.data_sent.load(Ordering::Relaxed),
+                    kind,
+                };
+                self.outbound.send(Ok(message)).await.map_err(|_| ())?;
+                self.session_sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a Shutdown without waiting; a worker acts on it at once, whatever came before.
+    fn try_shutdown(&self, reason: &str, rejoin: bool) {
+        let mut message = shutdown_message(reason, rejoin);
+        message.data_frames_before = self.data_sent.load(Ordering::Relaxed);
+        if self.outbound.try_send(Ok(message)).is_ok() {
+            self.session_sent.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -163,7 +199,7 @@ impl Peers {
         let Some(peer) = self.get(worker) else {
             return Err(self.fault(worker, step, phase, "it is no longer connected"));
         };
-        match tokio::time::timeout_at(deadline, peer.outbound.send(Ok(message))).await {
+        match tokio::time::timeout_at(deadline, peer.deliver(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self.fault(worker, step, phase, "its session is closed")),
             Err(_) => Err(self.fault(worker, step, phase, "it stopped reading its messages")),
@@ -194,7 +230,7 @@ impl Peers {
             return false;
         };
         let peer = self.peers.remove(index);
-        let _ = peer.outbound.try_send(Ok(shutdown_message(reason, rejoin)));
+        peer.try_shutdown(reason, rejoin);
         self.registry.release(worker);
         true
     }
@@ -203,7 +239,7 @@ impl Peers {
     pub async fn dismiss_all(&mut self, reason: &str) {
         let message = shutdown_message(reason, false);
         for peer in &self.peers {
-            let _ = tokio::time::timeout(Duration::from_secs(1), peer.outbound.send(Ok(message.clone()))).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), peer.deliver(message.clone())).await;
         }
         for peer in self.peers.drain(..) {
             self.registry.release(peer.info.id);
@@ -291,11 +327,14 @@ impl Peers {
     /// Takes one event from the service; returns what the caller must act on.
     fn absorb(&mut self, event: Inbound, step: u64, phase: &'static str) -> Result<Option<Event>> {
         match event {
-            Inbound::Connected { worker, outbound } => {
+            Inbound::Connected { worker, outbound, data } => {
                 info!(worker = worker.id, rank = worker.rank, host = %worker.host, "worker connected");
                 self.peers.push(Peer {
                     info: worker,
                     outbound,
+                    data,
+                    session_sent: AtomicU64::new(0),
+                    data_sent: AtomicU64::new(0),
                     shards: Vec::new(),
                     assigning: None,
                     has_params: false,
@@ -387,6 +426,8 @@ impl Peers {
 
 fn shutdown_message(reason: &str, rejoin: bool) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage {
+        // Stamped as it is sent.
+        data_frames_before: 0,
         kind: Some(pb::coordinator_message::Kind::Shutdown(pb::Shutdown {
             reason: reason.to_string(),
             rejoin,

@@ -141,7 +141,7 @@ impl StreamingMean {
                 bn_stats: None,
             })
             .collect();
-        self.sum.fill(0.0);
+        // The sum's chunks are zeroed as their first part arrives (`add`).
         self.summed.fill(0);
         self.complete = 0;
     }
@@ -173,6 +173,18 @@ impl StreamingMean {
     /// The mean over `range`, final once its chunks are complete.
     pub fn mean(&self, range: Range<usize>) -> &[f32] {
         &self.sum[range]
+    }
+
+    /// The mean over `range`, for the optimizer to overwrite once it has read it.
+    pub fn mean_mut(&mut self, range: Range<usize>) -> &mut [f32] {
+        &mut self.sum[range]
+    }
+
+    /// Exchanges the whole sum buffer with `other` (of the same length): the trainer keeps
+    /// the mean square the optimizer left there and hands back a buffer to sum into next.
+    pub fn swap_sum(&mut self, other: &mut Vec<f32>) {
+        assert_eq!(other.len(), self.sum.len(), "a buffer of another length");
+        std::mem::swap(&mut self.sum, other);
     }
 
     /// Takes one chunk of `shard`'s upload, encoded as the job's `gradient_compression` says.
@@ -261,6 +273,11 @@ impl StreamingMean {
     fn add(&mut self, position: usize, c: usize, bytes: &[u8]) -> bool {
         let weight = self.parts[position].weight;
         let range = chunk_range(c, self.len);
+        if self.summed[c] == 0 {
+            // Zeroed here rather than all at once in `begin`: the chunk is about to be read
+            // anyway, and the phase's start is not held up by a pass over the whole buffer.
+            self.sum[range.clone()].fill(0.0);
+        }
         let finite = self.compression.add_weighted(&mut self.sum[range], bytes, weight);
         self.summed[c] += 1;
         finite

@@ -1,6 +1,6 @@
 //! The gRPC face of the coordinator. It only moves bytes: Join and FetchShard answer from the
-//! registry, and each Session stream is handed to the trainer as channels. Workers may join at
-//! any time; the trainer admits them between steps.
+//! registry, and each Session stream, with the worker's data connection, is handed to the
+//! trainer as channels. Workers may join at any time; the trainer admits them between steps.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
+use crate::data_link;
 use crate::registry::{Connect, Registry, WorkerInfo};
 
 /// Bytes of pixels per FetchShard chunk (whole images, at least one), well under gRPC's
@@ -24,14 +25,18 @@ const SHARD_CHUNK_BYTES: usize = 1 << 20;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages queued towards one worker before the trainer waits for it to read.
 const OUTBOUND_QUEUE: usize = 64;
+/// How long a Session waits for its worker's data connection, welcomed a moment before.
+const DATA_CONNECTION_PATIENCE: Duration = Duration::from_secs(5);
 
 /// What the service tells the trainer.
 #[derive(Debug)]
 pub enum Inbound {
-    /// A worker opened its Session; the trainer sends to it through `outbound`.
+    /// A worker opened its Session; the trainer sends to it through `outbound`, and
+    /// parameter chunks through `data`, its data connection.
     Connected {
         worker: WorkerInfo,
         outbound: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+        data: mpsc::Sender<pb::ParamsChunk>,
     },
     /// A message on a worker's Session, with the time it arrived (so that a backlog the
     /// trainer has not read yet never looks like a silent worker).
@@ -71,7 +76,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             )));
         }
         let host = if req.host.is_empty() { peer } else { req.host };
-        let worker = self.registry.join(host, req.device, req.threads)?;
+        let (worker, token) = self.registry.join(host, req.device, req.threads)?;
         info!(worker = worker.id, rank = worker.rank, host = %worker.host, device = %worker.device, "worker joined");
         let job = self.registry.job();
         Ok(Response::new(pb::JoinReply {
@@ -79,6 +84,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             rank: worker.rank,
             spec_toml: job.spec_toml.clone(),
             layout_fingerprint: job.fingerprint,
+            session_token: token.as_bytes().to_vec().into(),
         }))
     }
 
@@ -118,29 +124,46 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         else {
             return Err(Status::invalid_argument("a Session must open with Hello"));
         };
-        let worker = self
+        let (worker, data_connection) = self
             .registry
-            .connect(hello.worker_id)
+            .connect_when_ready(hello.worker_id, &hello.session_token, DATA_CONNECTION_PATIENCE)
+            .await
             .map_err(|refusal| match refusal {
                 Connect::NoPlace => Status::not_found(format!(
                     "worker {} holds no place in the job (never joined, or evicted)",
+                    hello.worker_id
+                )),
+                Connect::BadToken => Status::unauthenticated(format!(
+                    "the session token is not the one worker {} was given at Join",
                     hello.worker_id
                 )),
                 Connect::AlreadyConnected => Status::already_exists(format!(
                     "worker {} already has a session; each worker opens one",
                     hello.worker_id
                 )),
+                Connect::NoDataConnection => Status::failed_precondition(format!(
+                    "worker {} opened no data connection before its Session (protocol: connect, send the data \
+                     magic and a DataHello, wait for the welcome, then open the Session)",
+                    hello.worker_id
+                )),
             })?;
         let id = worker.id;
         let (outbound, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+        let (data, data_queue) = data_link::queue();
         self.events
-            .send(Inbound::Connected { worker, outbound })
+            .send(Inbound::Connected { worker, outbound, data })
             .await
             .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
         let events = self.events.clone();
+        data_link::spawn(data_connection, id, events.clone(), data_queue);
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
+                    Ok(Some(pb::WorkerMessage {
+                        kind: Some(pb::worker_message::Kind::Gradient(_)),
+                    })) => {
+                        break "it sent a gradient on its Session; gradients travel on the data connection".to_string();
+                    }
                     Ok(Some(message)) => {
                         let arrived = Instant::now();
                         let event = Inbound::Message {

@@ -11,14 +11,13 @@ use forger_common::sampler::{BatchSampler, SamplerState, assign_shards};
 use forger_common::spec::JobSpec;
 use forger_common::{layout, wire};
 use forger_proto::pb::coordinator_server::CoordinatorServer;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::dataset::{self, PreparedDataset};
 use crate::error::{CoordinatorError, Result};
+use crate::listener;
 use crate::local::{LocalCluster, LocalWorkers};
 use crate::peers::Peers;
 use crate::registry::{Job, Registry};
@@ -136,7 +135,7 @@ pub async fn serve(
             .initial_connection_window_size(Some(wire::CONNECTION_WINDOW))
             .max_frame_size(Some(wire::MAX_FRAME))
             .add_service(CoordinatorServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener).map(no_delay), async {
+            .serve_with_incoming_shutdown(listener::route(listener, registry.clone()), async {
                 let _ = server_stopped.await;
             }),
     );
@@ -262,15 +261,6 @@ fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<(Training
         warn!(%change, "the spec differs from the checkpoint's; the run continues with the new value");
     }
     Ok((checkpoint.state, changed))
-}
-
-/// Turns off Nagle's algorithm on an accepted connection: tonic's own `tcp_nodelay` applies
-/// only to listeners it binds itself, and with Nagle on, a phase's last small frames waited for
-/// the peer's delayed ACK (about 40 ms a step, measured).
-fn no_delay(stream: std::io::Result<TcpStream>) -> std::io::Result<TcpStream> {
-    let stream = stream?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 fn load_dataset(spec: &JobSpec) -> Result<PreparedDataset> {

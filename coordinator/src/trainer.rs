@@ -66,9 +66,9 @@ const STALL_FLOOR: Duration = Duration::from_secs(10);
 /// Until a step is finished it can be undone, so its update must not destroy the state it
 /// started from. The new parameters go into `spare` while the master copy stays as it was;
 /// once every chunk is done the two swap, and `spare` holds the old parameters: the undo copy,
-/// made without copying. The master mean square is left alone until the step is finished
-/// (`commit_mean_square`), when it is computed from the old parameters and the mean, which
-/// the slot still holds; so undoing needs no copy of it at all.
+/// made without copying. The new mean square is written over the mean in the reduce buffer,
+/// chunk by chunk as RMSProp consumes it, and swapped with the master's when the step is
+/// finished; so undoing needs no copy of it at all.
 #[derive(Debug)]
 struct NetSlot {
     optimizer: RmsProp,
@@ -96,12 +96,11 @@ impl NetSlot {
         }
     }
 
-    /// Completes this step's update of `master`: the mean square RMSProp leaves.
-    fn commit_mean_square(&mut self, master: &mut NetState) {
+    /// Completes this step's update of `master`: the mean square RMSProp left in the reduce
+    /// buffer becomes the master's, and the old one the next step's reduce buffer.
+    fn finish(&mut self, master: &mut NetState) {
         if self.updated {
-            let len = master.params.len();
-            self.optimizer
-                .update_mean_square(&mut master.mean_square, &self.spare, self.mean.mean(0..len));
+            self.mean.swap_sum(&mut master.mean_square);
             self.updated = false;
         }
     }
@@ -488,6 +487,8 @@ impl Trainer {
                 })
                 .collect();
             let message = pb::CoordinatorMessage {
+                // Stamped as it is sent.
+                data_frames_before: 0,
                 kind: Some(Out::Evaluate(pb::Evaluate {
                     step,
                     attempt,
@@ -517,6 +518,8 @@ impl Trainer {
                 });
             }
             let plan = pb::CoordinatorMessage {
+                // Stamped as it is sent.
+                data_frames_before: 0,
                 kind: Some(Out::Plan(pb::Plan {
                     step,
                     attempt,
@@ -547,6 +550,8 @@ impl Trainer {
         let plan = decide_balance(loss_d, evaluation.loss_g, self.spec.train.balance);
         let StepPlan { train_d, train_g } = plan;
         let message = pb::CoordinatorMessage {
+            // Stamped as it is sent.
+            data_frames_before: 0,
             kind: Some(Out::Plan(pb::Plan {
                 step,
                 attempt,
@@ -604,8 +609,8 @@ impl Trainer {
 
     /// The step can no longer be undone: its updates are completed and it becomes the state.
     fn finish_step(&mut self, step: u64) {
-        self.d.commit_mean_square(&mut self.state.discriminator);
-        self.g.commit_mean_square(&mut self.state.generator);
+        self.d.finish(&mut self.state.discriminator);
+        self.g.finish(&mut self.state.generator);
         for peer in self.peers.all_mut().iter_mut().filter(|p| p.trains()) {
             peer.steps_done += 1;
         }
@@ -848,10 +853,10 @@ impl Trainer {
             Net::Generator => (&mut self.g, &mut self.state.generator),
         };
         let range = slot.mean.range(chunk);
-        slot.optimizer.apply_params_into(
+        slot.optimizer.apply_into(
             &master.params[range.clone()],
             &master.mean_square[range.clone()],
-            slot.mean.mean(range.clone()),
+            slot.mean.mean_mut(range.clone()),
             &mut slot.spare[range.clone()],
         );
         let values = wire::f32_bytes(&slot.spare[range.clone()]);
@@ -945,6 +950,8 @@ impl Trainer {
     async fn request_samples(&mut self, worker: u64, step: u64) -> Result<Bytes> {
         let count = self.spec.checkpoint.samples;
         let request = pb::CoordinatorMessage {
+            // Stamped as it is sent.
+            data_frames_before: 0,
             kind: Some(Out::Sample(pb::SampleRequest {
                 step,
                 count,
@@ -1008,6 +1015,8 @@ fn params_chunk(
     bn_running: Option<Vec<f32>>,
 ) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage {
+        // Stamped as it is sent.
+        data_frames_before: 0,
         kind: Some(Out::Params(pb::ParamsChunk {
             step,
             network: network as i32,
@@ -1015,6 +1024,8 @@ fn params_chunk(
             values,
             last: bn_running.is_some(),
             bn_running_stats: bn_running.unwrap_or_default(),
+            // Stamped as it is sent.
+            session_messages_before: 0,
         })),
     }
 }

@@ -1,9 +1,14 @@
 //! The forger wire protocol, generated from `proto/forger/v1/forger.proto`.
 //!
-//! Everything lives under [`pb`]; other crates convert these types to their own at the edge.
+//! The messages live under [`pb`]; other crates convert these types to their own at the edge.
+//! [`data`] frames the data connection that carries gradients and parameters beside the
+//! Session, and [`order`] merges the two back into the coordinator's send order.
+
+pub mod data;
+pub mod order;
 
 /// Bumped whenever a message changes meaning; a worker of another version is refused at Join.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Generated protobuf types and tonic service stubs for `forger.v1`.
 #[allow(missing_debug_implementations, clippy::all)]

@@ -11,6 +11,8 @@ use forger_common::layout;
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::PROTOCOL_VERSION;
+use forger_proto::data::{self, FrameLink};
+use forger_proto::order::InOrder;
 use forger_proto::pb::{
     self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In, worker_message::Kind as Out,
 };
@@ -31,9 +33,15 @@ pub struct FakeWorker {
     pub spec: JobSpec,
     /// The shards it holds, each with its dataset indices.
     pub shards: BTreeMap<u32, Vec<u32>>,
+    /// From the Join reply; a test may show it on a connection of its own.
+    pub token: Bytes,
     client: CoordinatorClient<Channel>,
     outbound: mpsc::Sender<pb::WorkerMessage>,
     inbound: Streaming<pb::CoordinatorMessage>,
+    /// The data connection: gradients up, parameters down.
+    link: FrameLink<pb::GradientChunk, pb::ParamsChunk>,
+    data_ended: bool,
+    order: InOrder,
     heartbeats: JoinHandle<()>,
     /// With bf16 gradients: each (shard, phase)'s error-feedback residual.
     residuals: Mutex<HashMap<(u32, i32), ErrorFeedback>>,
@@ -60,11 +68,16 @@ impl FakeWorker {
             .expect("join")
             .into_inner();
         let spec = JobSpec::parse(&reply.spec_toml, "join reply").expect("spec from the coordinator");
+        let stream = open_data_connection(url, reply.worker_id, &reply.session_token)
+            .await
+            .expect("data connection accepted");
+        let link = FrameLink::spawn(stream, CHUNK_VALUES * 4);
         let (outbound, rx) = mpsc::channel(64);
         outbound
             .send(pb::WorkerMessage {
                 kind: Some(Out::Hello(pb::Hello {
                     worker_id: reply.worker_id,
+                    session_token: reply.session_token.clone(),
                 })),
             })
             .await
@@ -92,9 +105,13 @@ impl FakeWorker {
             rank: reply.rank,
             spec,
             shards: BTreeMap::new(),
+            token: reply.session_token,
             client,
             outbound,
             inbound,
+            link,
+            data_ended: false,
+            order: InOrder::new(),
             heartbeats,
             residuals: Mutex::new(HashMap::new()),
         }
@@ -138,14 +155,38 @@ impl FakeWorker {
         assign.shards
     }
 
-    /// The next message from the coordinator.
+    /// The next message from the coordinator, from either connection in the order it was
+    /// sent; a Shutdown at once, as a worker acts on it.
     pub async fn recv(&mut self) -> In {
-        let message = tokio::time::timeout(TIMEOUT, self.inbound.message())
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Some(message) = self.order.pop() {
+                return message.kind.expect("message has a kind");
+            }
+            let arrived = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    message = self.inbound.message() => {
+                        Arrived::Session(message.expect("session failed").expect("session ended"))
+                    }
+                    frame = self.link.received.recv(), if !self.data_ended => match frame {
+                        Some(frame) => Arrived::Data(frame.expect("data connection failed")),
+                        // The coordinator closes it as it lets the worker go; the Session
+                        // says why.
+                        None => Arrived::DataEnded,
+                    }
+                }
+            })
             .await
-            .expect("the coordinator went silent")
-            .expect("session failed")
-            .expect("session ended");
-        message.kind.expect("message has a kind")
+            .expect("the coordinator went silent");
+            match arrived {
+                Arrived::Session(message) if matches!(message.kind, Some(In::Shutdown(_))) => {
+                    return message.kind.expect("checked");
+                }
+                Arrived::Session(message) => self.order.push_session(message),
+                Arrived::Data(chunk) => self.order.push_data(chunk),
+                Arrived::DataEnded => self.data_ended = true,
+            }
+        }
     }
 
     /// Receives a whole parameter download: `(network, values, batch-norm running stats)`.
@@ -166,6 +207,8 @@ impl FakeWorker {
         }
     }
 
+    /// Sends on the Session (where a gradient does not belong: [`FakeWorker::upload`] sends
+    /// those on the data connection).
     pub async fn send(&self, kind: Out) {
         self.outbound
             .send(pb::WorkerMessage { kind: Some(kind) })
@@ -176,46 +219,64 @@ impl FakeWorker {
     /// Uploads one shard's `gradient` for a phase in wire-sized chunks.
     pub async fn upload(
         &self,
-        (step, attempt): (u64, u32),
+        at: (u64, u32),
         phase: pb::Phase,
         shard: u32,
         gradient: &[f32],
         samples: u32,
         bn_stats: Vec<f32>,
     ) {
-        let chunks = gradient.len().div_ceil(CHUNK_VALUES);
-        let compression = self.spec.cluster.gradient_compression;
-        // Encoded whole, then sliced, as a real worker does; with bf16 the residual is kept
-        // per shard and phase across steps, so the work per step is a real worker's too.
-        let encoded = match compression {
+        let encoded = match self.spec.cluster.gradient_compression {
             GradientCompression::None => wire::f32_bytes(gradient),
+            // The residual is kept per shard and phase across steps, so the work per step is
+            // a real worker's.
             GradientCompression::Bf16 => {
                 let mut residuals = self.residuals.lock().expect("residuals lock");
                 let feedback = residuals
                     .entry((shard, phase as i32))
                     .or_insert_with(|| ErrorFeedback::new(gradient.len()));
-                Bytes::from(feedback.compress(step, gradient))
+                Bytes::from(feedback.compress(at.0, gradient))
             }
         };
-        let value_bytes = compression.value_bytes();
+        self.upload_encoded(at, phase, shard, encoded, samples, bn_stats).await;
+    }
+
+    /// Uploads a gradient already in wire bytes (of the job's encoding), sliced into chunks
+    /// as a real worker slices its encoded gradient.
+    pub async fn upload_encoded(
+        &self,
+        (step, attempt): (u64, u32),
+        phase: pb::Phase,
+        shard: u32,
+        encoded: Bytes,
+        samples: u32,
+        bn_stats: Vec<f32>,
+    ) {
+        let value_bytes = self.spec.cluster.gradient_compression.value_bytes();
+        let len = encoded.len() / value_bytes;
+        let chunks = len.div_ceil(CHUNK_VALUES);
         let mut bn_stats = Some(bn_stats);
         for c in 0..chunks {
-            let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(gradient.len());
+            let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(len);
             let last = c + 1 == chunks;
-            let bytes = encoded.slice(range.start * value_bytes..range.end * value_bytes);
-            self.send(Out::Gradient(pb::GradientChunk {
+            let chunk = pb::GradientChunk {
                 step,
                 attempt,
                 phase: phase as i32,
                 shard,
                 offset: range.start as u64,
-                values: bytes,
+                values: encoded.slice(range.start * value_bytes..range.end * value_bytes),
                 last,
                 samples: if last { samples } else { 0 },
                 bn_batch_stats: if last { bn_stats.take().unwrap() } else { Vec::new() },
-            }))
-            .await;
+            };
+            self.link.send.send(chunk).await.expect("data connection open");
         }
+    }
+
+    /// Sends one frame on the data connection as it is, however wrong.
+    pub async fn send_frame(&self, chunk: pb::GradientChunk) {
+        self.link.send.send(chunk).await.expect("data connection open");
     }
 
     pub fn d_len(&self) -> usize {
@@ -229,4 +290,23 @@ impl FakeWorker {
     pub fn bn_len(&self) -> usize {
         layout::batch_norm_stats_len(&self.spec.model)
     }
+}
+
+/// What [`FakeWorker::recv`] took off one of the connections.
+enum Arrived {
+    Session(pb::CoordinatorMessage),
+    Data(pb::ParamsChunk),
+    DataEnded,
+}
+
+/// Opens a data connection to the coordinator at `url` (`http://host:port`) as worker `id`
+/// with `token`, returning the refusal or failure as text.
+pub async fn open_data_connection(url: &str, id: u64, token: &[u8]) -> Result<tokio::net::TcpStream, String> {
+    let address = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+    let hello = pb::DataHello {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: id,
+        session_token: Bytes::copy_from_slice(token),
+    };
+    data::connect(address, &hello).await.map_err(|e| e.to_string())
 }

@@ -10,7 +10,7 @@ use forger_common::rmsprop::{RmsProp, initial_mean_square, update_moving_average
 use forger_common::spec::JobSpec;
 use forger_common::wire;
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
-use forger_tests::fake_worker::FakeWorker;
+use forger_tests::fake_worker::{FakeWorker, open_data_connection};
 use forger_tests::reference::events;
 use forger_tests::{TestCoordinator, metric_lines};
 use std::time::Duration;
@@ -805,23 +805,43 @@ async fn non_finite_losses_everywhere_for_ten_steps_stop_the_run_as_diverged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_session_claiming_a_worker_s_id_is_refused_and_the_worker_trains_on() {
+async fn a_second_session_or_data_connection_claiming_a_worker_s_id_is_refused_and_the_worker_trains_on() {
     let (_data, run, coordinator) = tiny_cluster(1, 1).await;
     let mut workers = join(&coordinator, 1).await;
     let replicas = receive_initial(&mut workers, 0).await;
+    let (id, token) = (workers[0].id, workers[0].token.clone());
     let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
         .await
         .unwrap();
-    let hello = pb::WorkerMessage {
+    let hello = |session_token: bytes::Bytes| pb::WorkerMessage {
         kind: Some(Out::Hello(pb::Hello {
-            worker_id: workers[0].id,
+            worker_id: id,
+            session_token,
         })),
     };
+    // Knowing the id is not enough: without the token the answer is Unauthenticated.
+    let guessed = bytes::Bytes::from(vec![0u8; token.len()]);
     let status = client
-        .session(futures::stream::iter(vec![hello]))
+        .session(futures::stream::iter(vec![hello(guessed.clone())]))
+        .await
+        .expect_err("a wrong token is refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{}", status.message());
+    let status = client
+        .session(futures::stream::iter(vec![hello(token.clone())]))
         .await
         .expect_err("an id has one session");
     assert_eq!(status.code(), tonic::Code::AlreadyExists, "{}", status.message());
+    // The data connection follows the same rules, and says why it refuses.
+    let refusal = open_data_connection(&coordinator.url(), id, &guessed)
+        .await
+        .unwrap_err();
+    assert!(refusal.contains("session token is not the one"), "{refusal}");
+    let refusal = open_data_connection(&coordinator.url(), id, &token).await.unwrap_err();
+    assert!(refusal.contains("already has a session"), "{refusal}");
+    let refusal = open_data_connection(&coordinator.url(), id + 100, &token)
+        .await
+        .unwrap_err();
+    assert!(refusal.contains("holds no place"), "{refusal}");
     // The real worker is untouched: it finishes the run.
     evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
     train_first_step(&mut workers, 1, &replicas).await;
@@ -829,6 +849,84 @@ async fn a_second_session_claiming_a_worker_s_id_is_refused_and_the_worker_train
     let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
     assert_eq!((summary.step, summary.evictions), (1, 0));
     assert!(events(run.path(), "evicted").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_without_a_data_connection_is_refused_with_the_reason() {
+    let (_data, _run, coordinator) = tiny_cluster(1, 1).await;
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
+        .await
+        .unwrap();
+    let reply = join_request(&mut client, "no-data").await.unwrap().into_inner();
+    let hello = pb::WorkerMessage {
+        kind: Some(Out::Hello(pb::Hello {
+            worker_id: reply.worker_id,
+            session_token: reply.session_token,
+        })),
+    };
+    let status = client
+        .session(futures::stream::iter(vec![hello]))
+        .await
+        .expect_err("the data connection comes first");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{}", status.message());
+    assert!(status.message().contains("no data connection"), "{}", status.message());
+    drop(coordinator);
+}
+
+/// Starts step 1 of a one-worker run, has the worker misbehave on its connections with
+/// `misbehave`, and returns the reason it was evicted with; the run then pauses, unharmed.
+async fn evicted_for(misbehave: impl AsyncFnOnce(&FakeWorker)) -> String {
+    let (_data, run, coordinator) = tiny_cluster(1, 1).await;
+    let mut workers = join(&coordinator, 1).await;
+    let replicas = receive_initial(&mut workers, 0).await;
+    evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
+    expect_plan(&mut workers, 1).await;
+    misbehave(&workers[0]).await;
+    let In::Shutdown(shutdown) = workers[0].recv().await else {
+        panic!("expected Shutdown")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while events(run.path(), "paused").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the pause is recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(checkpoint::list(&run.path().join("checkpoints")).unwrap().is_empty());
+    drop(coordinator);
+    shutdown.reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_frame_larger_than_a_chunk_drops_the_worker() {
+    let reason = evicted_for(async |w: &FakeWorker| {
+        let oversized = pb::GradientChunk {
+            step: 1,
+            attempt: 1,
+            phase: pb::Phase::Discriminator as i32,
+            values: vec![0u8; wire::CHUNK_VALUES * 4 + 4].into(),
+            ..Default::default()
+        };
+        w.send_frame(oversized).await;
+    })
+    .await;
+    let limit = wire::CHUNK_VALUES * 4;
+    let expected = format!("payload of {} bytes is over the limit of {limit}", limit + 4);
+    assert!(reason.contains(&expected), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gradient_sent_on_the_session_drops_the_worker() {
+    let reason = evicted_for(async |w: &FakeWorker| {
+        w.send(Out::Gradient(pb::GradientChunk {
+            step: 1,
+            attempt: 1,
+            phase: pb::Phase::Discriminator as i32,
+            values: vec![0u8; 16].into(),
+            ..Default::default()
+        }))
+        .await;
+    })
+    .await;
+    assert!(reason.contains("gradients travel on the data connection"), "{reason}");
 }
 
 /// One step answered with zero gradients, following whatever the plan says; the replicas

@@ -5,14 +5,15 @@
 //! real error ends the worker.
 //!
 //! libtorch calls block, so the replica lives on its own thread ([`crate::compute`]); this
-//! async side only moves messages between the gRPC stream and that thread, and sends the
-//! heartbeats.
+//! async side only moves messages between the connections (the gRPC Session and the data
+//! connection, put back in the coordinator's order) and that thread, and sends the heartbeats.
 
 use std::time::Duration;
 
 use forger_common::spec::JobSpec;
 use forger_common::{layout, wire};
 use forger_proto::PROTOCOL_VERSION;
+use forger_proto::order::InOrder;
 use forger_proto::pb::{self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In};
 use tch::Device;
 use tokio::sync::{mpsc, watch};
@@ -22,6 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
 
 use crate::compute::{self, Command, Job, Shard};
+use crate::data_link::{self, Outbound};
 use crate::device;
 use crate::error::{Result, WorkerError};
 
@@ -48,6 +50,9 @@ enum Ended {
 
 /// After a stop request, how long the worker waits to be dismissed at the end of the step.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// When the data connection ends, how long the Session gets to say why (a Shutdown, say)
+/// before the worker takes the coordinator for lost.
+const DATA_LOSS_GRACE: Duration = Duration::from_secs(5);
 
 /// Joins the coordinator's job and works until it says the run is over, rejoining after
 /// evictions and coordinator restarts. `leave` turns true when the process is asked to stop.
@@ -96,11 +101,18 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
     }
     let worker_id = reply.worker_id;
     info!(worker = worker_id, rank = reply.rank, "joined");
+    let data_connection = data_link::open(&config.coordinator, worker_id, &reply.session_token).await?;
+    // Dropped when the session ends, which closes the connection.
+    let mut link = data_link::spawn(data_connection);
 
     let (out_tx, out_rx) = mpsc::channel::<pb::WorkerMessage>(64);
     let send = |kind| pb::WorkerMessage { kind: Some(kind) };
+    let hello = pb::Hello {
+        worker_id,
+        session_token: reply.session_token.clone(),
+    };
     out_tx
-        .send(send(pb::worker_message::Kind::Hello(pb::Hello { worker_id })))
+        .send(send(pb::worker_message::Kind::Hello(hello)))
         .await
         .map_err(|_| WorkerError::Protocol("the session closed before it opened".into()))?;
     let mut inbound = client.session(ReceiverStream::new(out_rx)).await?.into_inner();
@@ -127,7 +139,10 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
         device: config.device,
     };
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<Command>();
-    let compute_out = out_tx.clone();
+    let compute_out = Outbound {
+        session: out_tx.clone(),
+        data: link.send.clone(),
+    };
     let compute = std::thread::Builder::new()
         .name("forger-compute".into())
         .spawn(move || compute::run(job, cmd_rx, compute_out))
@@ -135,9 +150,47 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
 
     let mut held: Vec<u32> = Vec::new();
     let mut leave_deadline: Option<Instant> = None;
+    let mut order = InOrder::new();
+    // Why the data connection ended, and until when the Session may still explain it.
+    let mut data_lost: Option<(String, Instant)> = None;
     let stream_result: Result<Ended> = loop {
+        // Hand over, in the coordinator's order, whatever has arrived on either connection.
+        if let Some(message) = order.pop() {
+            let command = if let Some(In::Assign(assign)) = &message.kind {
+                let shards = assign.shards.clone();
+                let mut fetched = Vec::new();
+                for &shard in shards.iter().filter(|s| !held.contains(s)) {
+                    fetched.push(fetch_shard(&mut client, worker_id, shard, image_size as u32).await);
+                }
+                let fetched = match fetched.into_iter().collect::<Result<Vec<_>>>() {
+                    Ok(fetched) => fetched,
+                    Err(e) => break Err(e),
+                };
+                held.clone_from(&shards);
+                Command::Shards { shards, fetched }
+            } else {
+                Command::Message(message)
+            };
+            if cmd_tx.send(command).is_err() {
+                // The compute thread ended; its own result says why.
+                break Ok(Ended::ComputeStopped);
+            }
+            continue;
+        }
         let message = tokio::select! {
             message = inbound.message() => message,
+            frame = link.received.recv(), if data_lost.is_none() => {
+                match frame {
+                    Some(Ok(chunk)) => order.push_data(chunk),
+                    Some(Err(e)) => data_lost = Some((format!("the data connection failed: {e}"), Instant::now() + DATA_LOSS_GRACE)),
+                    None => data_lost = Some(("the coordinator closed the data connection".into(), Instant::now() + DATA_LOSS_GRACE)),
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(data_lost.as_ref().map_or_else(Instant::now, |(_, until)| *until)), if data_lost.is_some() => {
+                let (reason, _) = data_lost.take().expect("checked above");
+                break Err(WorkerError::Disconnected(reason));
+            }
             _ = leave.wait_for(|l| *l), if leave_deadline.is_none() => {
                 info!("asked to stop: leaving the cluster at the end of the current step");
                 let reason = "the worker was asked to stop".to_string();
@@ -152,6 +205,7 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
         };
         match message {
             Ok(Some(message)) => {
+                // A Shutdown is acted on at once, whatever was sent before it.
                 if let Some(In::Shutdown(shutdown)) = &message.kind {
                     let ended = if shutdown.rejoin && leave_deadline.is_none() {
                         Ended::Rejoin(shutdown.reason.clone())
@@ -161,25 +215,7 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
                     let _ = cmd_tx.send(Command::Message(message));
                     break Ok(ended);
                 }
-                let command = if let Some(In::Assign(assign)) = &message.kind {
-                    let shards = assign.shards.clone();
-                    let mut fetched = Vec::new();
-                    for &shard in shards.iter().filter(|s| !held.contains(s)) {
-                        fetched.push(fetch_shard(&mut client, worker_id, shard, image_size as u32).await);
-                    }
-                    let fetched = match fetched.into_iter().collect::<Result<Vec<_>>>() {
-                        Ok(fetched) => fetched,
-                        Err(e) => break Err(e),
-                    };
-                    held.clone_from(&shards);
-                    Command::Shards { shards, fetched }
-                } else {
-                    Command::Message(message)
-                };
-                if cmd_tx.send(command).is_err() {
-                    // The compute thread ended; its own result says why.
-                    break Ok(Ended::ComputeStopped);
-                }
+                order.push_session(message);
             }
             Ok(None) => {
                 break Err(WorkerError::Disconnected(

@@ -13,9 +13,9 @@ use forger_common::spec::JobSpec;
 use forger_common::wire::CHUNK_VALUES;
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
 use tch::Device;
-use tokio::sync::mpsc;
 use tracing::info;
 
+use crate::data_link::Outbound;
 use crate::error::{Result, WorkerError};
 use crate::gradient_encoder::GradientEncoder;
 use crate::replica::{Contribution, Net, Replica, StepBatch, noise};
@@ -74,7 +74,7 @@ struct Worker {
     job: Job,
     replica: Replica,
     shards: BTreeMap<u32, ShardStore>,
-    outbound: mpsc::Sender<pb::WorkerMessage>,
+    outbound: Outbound,
     current: Option<Current>,
     download: Option<Download>,
     encoder: GradientEncoder,
@@ -83,11 +83,7 @@ struct Worker {
 }
 
 /// Runs until Shutdown, or until the session side of the channel closes.
-pub fn run(
-    job: Job,
-    commands: std::sync::mpsc::Receiver<Command>,
-    outbound: mpsc::Sender<pb::WorkerMessage>,
-) -> Result<()> {
+pub fn run(job: Job, commands: std::sync::mpsc::Receiver<Command>, outbound: Outbound) -> Result<()> {
     let size = job.spec.data.image_size as usize;
     let replica = Replica::new(&job.spec.model, size, job.device)?;
     let d_len = layout::discriminator_layout(&job.spec.model, size).numel();
@@ -123,7 +119,7 @@ pub fn run(
 impl Worker {
     fn send(&self, kind: Out) -> Result<()> {
         self.outbound
-            .blocking_send(pb::WorkerMessage { kind: Some(kind) })
+            .blocking_send(kind)
             .map_err(|_| WorkerError::SessionClosed)
     }
 
@@ -315,8 +311,9 @@ impl Worker {
                 bn_stats,
                 samples,
             } = contribution;
-            let chunks = gradient.len().div_ceil(CHUNK_VALUES).max(1);
-            let bytes = self.encoder.encode(step, shard, net, &gradient);
+            let len = gradient.len();
+            let chunks = len.div_ceil(CHUNK_VALUES).max(1);
+            let bytes = self.encoder.encode(step, shard, net, gradient);
             let value_bytes = self.encoder.value_bytes();
             let mut bn_stats = Some(bn_stats);
             for c in 0..chunks {
@@ -325,7 +322,7 @@ impl Worker {
                     crash_point("worker-d-upload", step);
                 }
                 let start = c * CHUNK_VALUES;
-                let end = ((c + 1) * CHUNK_VALUES).min(gradient.len());
+                let end = ((c + 1) * CHUNK_VALUES).min(len);
                 let last = c + 1 == chunks;
                 self.send(Out::Gradient(pb::GradientChunk {
                     step,

@@ -29,12 +29,13 @@ impl GradientEncoder {
         self.compression.value_bytes()
     }
 
-    /// The wire bytes of `shard`'s gradient of `net` at `step`.
-    pub fn encode(&mut self, step: u64, shard: u32, net: Net, gradient: &[f32]) -> Bytes {
+    /// The wire bytes of `shard`'s gradient of `net` at `step`; f32 goes as it is, without a
+    /// copy.
+    pub fn encode(&mut self, step: u64, shard: u32, net: Net, gradient: Vec<f32>) -> Bytes {
         match self.compression {
-            GradientCompression::None => wire::f32_bytes(gradient),
+            GradientCompression::None => wire::f32_bytes_owned(gradient),
             GradientCompression::Bf16 => {
-                Bytes::from(self.feedback(shard, net, gradient.len()).compress(step, gradient))
+                Bytes::from(self.feedback(shard, net, gradient.len()).compress(step, &gradient))
             }
         }
     }

@@ -5,6 +5,8 @@
 //! - [`replica`]: one worker's copy of both networks on a device: loading flat parameters,
 //!   evaluating losses, computing gradients and batch-norm statistics, sampling images.
 //! - [`client`]: Join, shard download and the Session stream with the coordinator.
+//! - [`data_link`]: the data connection beside the Session, carrying gradients and
+//!   parameters.
 //! - [`compute`]: the thread that owns the replica and follows the coordinator's steps.
 //! - [`gradient_encoder`]: gradients to wire bytes, bf16 with error feedback when asked.
 //! - [`device`]: `--device` names to libtorch devices.
@@ -14,6 +16,7 @@
 pub mod bench;
 pub mod client;
 pub mod compute;
+pub mod data_link;
 pub mod device;
 pub mod error;
 pub mod generate;

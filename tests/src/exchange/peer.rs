@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use forger_common::compression::GradientCompression;
 use forger_common::layout;
 use forger_common::wire;
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
@@ -23,7 +24,7 @@ const LOSS: f64 = 0.7;
 /// Timings of one network's phase, in seconds.
 #[derive(Debug, Clone, Copy, Default)]
 struct PhaseTimes {
-    /// Encoding the gradient into chunks and queueing them on the session stream.
+    /// Encoding the gradient into chunks and queueing them on the data connection.
     upload: f64,
     /// From the last chunk queued to the first parameter chunk back: the rest of the upload
     /// on the wire, waiting for the other workers, the coordinator's update and its encoding.
@@ -54,8 +55,8 @@ async fn run(url: &str) -> anyhow::Result<serde_json::Value> {
     let mut g = vec![0f32; worker.g_len()];
     receive_params(&mut worker, pb::Network::Discriminator, &mut d).await?;
     receive_params(&mut worker, pb::Network::Generator, &mut g).await?;
-    let d_gradient = vec![GRADIENT; d.len()];
-    let g_gradient = vec![GRADIENT; g.len()];
+    let d_gradient = Gradient::new(&worker, vec![GRADIENT; d.len()]);
+    let g_gradient = Gradient::new(&worker, vec![GRADIENT; g.len()]);
     // Means 0 and variances 1: finite batch statistics.
     let bn_stats = layout::initial_batch_norm_running(&worker.spec.model);
     assert_eq!(bn_stats.len(), worker.bn_len());
@@ -166,7 +167,7 @@ async fn exchange(
     worker: &mut FakeWorker,
     at: (u64, u32),
     phase: pb::Phase,
-    (gradient, samples, bn_stats): (&[f32], u32, &[f32]),
+    (gradient, samples, bn_stats): (&Gradient, u32, &[f32]),
     params: &mut [f32],
 ) -> anyhow::Result<PhaseTimes> {
     let network = match phase {
@@ -176,9 +177,18 @@ async fn exchange(
     let started = Instant::now();
     let held: Vec<u32> = worker.shards.keys().copied().collect();
     for shard in held {
-        worker
-            .upload(at, phase, shard, gradient, samples, bn_stats.to_vec())
-            .await;
+        match gradient {
+            Gradient::Encoded(bytes) => {
+                worker
+                    .upload_encoded(at, phase, shard, bytes.clone(), samples, bn_stats.to_vec())
+                    .await
+            }
+            Gradient::Values(values) => {
+                worker
+                    .upload(at, phase, shard, values, samples, bn_stats.to_vec())
+                    .await
+            }
+        }
     }
     let uploaded = Instant::now();
     let first = receive_params(worker, network, params).await?;
@@ -188,6 +198,24 @@ async fn exchange(
         wait: first.duration_since(uploaded).as_secs_f64(),
         download: done.duration_since(first).as_secs_f64(),
     })
+}
+
+/// A network's constant gradient as the fake worker sends it each step.
+enum Gradient {
+    /// f32: a real worker hands its gradient to the connection without a copy, so this one
+    /// is encoded once and the same bytes are sent every step.
+    Encoded(bytes::Bytes),
+    /// bf16: rounded with error feedback every step, as a real worker does.
+    Values(Vec<f32>),
+}
+
+impl Gradient {
+    fn new(worker: &FakeWorker, values: Vec<f32>) -> Gradient {
+        match worker.spec.cluster.gradient_compression {
+            GradientCompression::None => Gradient::Encoded(wire::f32_bytes_owned(values)),
+            GradientCompression::Bf16 => Gradient::Values(values),
+        }
+    }
 }
 
 /// Receives one network's parameters into `params`, decoding each chunk in place; returns
