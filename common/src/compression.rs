@@ -55,22 +55,31 @@ impl GradientCompression {
     }
 
     /// Adds `weight` times each value encoded in `bytes` to `sum` (as long as `sum` has values),
-    /// in order; returns false if a value is not finite. One loop per encoding, so each is
-    /// compiled, and vectorised, with its own decoding.
-    pub fn add_weighted(self, sum: &mut [f32], bytes: &[u8], weight: f32) -> bool {
+    /// in order; with `first`, to zero instead of what `sum` holds (the same bits as zeroing it
+    /// first, without the pass). Returns false if a value is not finite. One loop per encoding,
+    /// so each is compiled, and vectorised, with its own decoding.
+    pub fn add_weighted(self, sum: &mut [f32], bytes: &[u8], weight: f32, first: bool) -> bool {
         match self {
-            GradientCompression::None => add_decoded(sum, bytes, weight, f32::from_le_bytes),
-            GradientCompression::Bf16 => add_decoded(sum, bytes, weight, |b| widen(u16::from_le_bytes(b))),
+            GradientCompression::None => add_decoded(sum, bytes, weight, first, f32::from_le_bytes),
+            GradientCompression::Bf16 => add_decoded(sum, bytes, weight, first, |b| widen(u16::from_le_bytes(b))),
         }
     }
 }
 
-fn add_decoded<const N: usize>(sum: &mut [f32], bytes: &[u8], weight: f32, decode: impl Fn([u8; N]) -> f32) -> bool {
+fn add_decoded<const N: usize>(
+    sum: &mut [f32],
+    bytes: &[u8],
+    weight: f32,
+    first: bool,
+    decode: impl Fn([u8; N]) -> f32,
+) -> bool {
     let mut finite = true;
     for (acc, value) in sum.iter_mut().zip(bytes.chunks_exact(N)) {
         let v = decode(value.try_into().expect("chunks_exact gives N bytes"));
         finite &= v.is_finite();
-        *acc += weight * v;
+        // `0.0 + x` is not `x` for x = -0.0: written out so the bits match a zeroed buffer.
+        let earlier = if first { 0.0 } else { *acc };
+        *acc = earlier + weight * v;
     }
     finite
 }
@@ -307,10 +316,10 @@ mod tests {
             .iter()
             .flat_map(|&v| round_to_bf16(v).to_le_bytes())
             .collect();
-        assert!(GradientCompression::Bf16.add_weighted(&mut sum, &bf16, 0.5));
+        assert!(GradientCompression::Bf16.add_weighted(&mut sum, &bf16, 0.5, false));
         assert_eq!(sum, [-0.25, 3.0]);
         let f32s: Vec<u8> = [1.25f32, f32::NAN].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert!(!GradientCompression::None.add_weighted(&mut sum, &f32s, 2.0));
+        assert!(!GradientCompression::None.add_weighted(&mut sum, &f32s, 2.0, false));
         assert_eq!(sum[0], 2.25);
         assert_eq!(GradientCompression::Bf16.value_bytes(), 2);
     }

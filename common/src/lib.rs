@@ -11,6 +11,7 @@
 //! - [`dataset`]: the image folder decoded, cropped and resized into training bytes.
 //! - [`checkpoint`]: the training state and its atomic, checksummed safetensors file.
 //! - [`average`]: the sample-weighted mean of per-shard buffers, in shard order.
+//! - [`chunk_update`]: the coordinator's fused last pass over a chunk (sum, RMSProp, wire copy).
 //! - [`atomic`]: crash-safe file replacement.
 //! - [`faults`]: fail points that let tests crash a process at a chosen moment.
 //! - [`grid`]: sample images tiled into one PNG.
@@ -21,6 +22,7 @@ pub mod atomic;
 pub mod average;
 pub mod balance;
 pub mod checkpoint;
+pub mod chunk_update;
 pub mod compression;
 pub mod dataset;
 mod error;

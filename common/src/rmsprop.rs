@@ -80,7 +80,7 @@ impl RmsProp {
 
     /// One variable's update: `(w, ms)` after a step with gradient `grad`.
     #[inline]
-    fn step(&self, w: f32, ms: f32, grad: f32) -> (f32, f32) {
+    pub fn step(&self, w: f32, ms: f32, grad: f32) -> (f32, f32) {
         let g = grad + self.l2 * w;
         let ms = ms + (g * g - ms) * (1.0 - self.decay);
         (w - self.lr * g / (ms + self.epsilon).sqrt(), ms)

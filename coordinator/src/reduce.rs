@@ -8,11 +8,16 @@
 //! turn (shard 2's chunk 0 before shard 1's) is held, as the received bytes, until its turn
 //! comes. So the coordinator keeps one reduce buffer per network, plus whatever early chunks
 //! uneven workers leave waiting, instead of one buffer per shard.
+//!
+//! The last part of each chunk (in shard order) is not added here but handed to a [`Finish`],
+//! so the trainer can fold it into the same pass as RMSProp (`forger_common::chunk_update`);
+//! [`KeepMean`] just adds it, leaving the mean in the buffer.
 
 use std::ops::Range;
 
 use bytes::Bytes;
 use forger_common::average::weighted_average;
+use forger_common::chunk_update::LastPart;
 use forger_common::compression::GradientCompression;
 use forger_common::wire::CHUNK_VALUES;
 
@@ -82,6 +87,23 @@ pub enum Taken {
     NonFinite { shard: u32 },
 }
 
+/// What becomes of a chunk when its last part arrives.
+pub trait Finish {
+    /// `sum` holds the weighted sum of chunk `chunk`'s earlier parts (nothing when
+    /// `part.first`); returns false if a value of `part` is not finite.
+    fn finish(&mut self, chunk: usize, sum: &mut [f32], part: LastPart<'_>, compression: GradientCompression) -> bool;
+}
+
+/// Adds the last part like the others, so that [`StreamingMean::mean`] reads the mean.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepMean;
+
+impl Finish for KeepMean {
+    fn finish(&mut self, _: usize, sum: &mut [f32], part: LastPart<'_>, compression: GradientCompression) -> bool {
+        compression.add_weighted(sum, part.bytes, part.weight, part.first)
+    }
+}
+
 /// One shard's part of the phase.
 #[derive(Debug)]
 struct Part {
@@ -106,7 +128,7 @@ pub struct StreamingMean {
     sum: Vec<f32>,
     /// Per chunk, how many parts (in shard order) its sum holds.
     summed: Vec<usize>,
-    /// Chunks summed over every part: a prefix, since each part sends in order.
+    /// Chunks finished over every part: a prefix, since each part sends in order.
     complete: usize,
 }
 
@@ -170,26 +192,23 @@ impl StreamingMean {
         chunk_range(c, self.len)
     }
 
-    /// The mean over `range`, final once its chunks are complete.
+    /// The mean over `range`, final once its chunks are complete (with [`KeepMean`]; another
+    /// [`Finish`] may have left something else there).
     pub fn mean(&self, range: Range<usize>) -> &[f32] {
         &self.sum[range]
     }
 
-    /// The mean over `range`, for the optimizer to overwrite once it has read it.
-    pub fn mean_mut(&mut self, range: Range<usize>) -> &mut [f32] {
-        &mut self.sum[range]
-    }
-
     /// Exchanges the whole sum buffer with `other` (of the same length): the trainer keeps
-    /// the mean square the optimizer left there and hands back a buffer to sum into next.
+    /// the mean square its [`Finish`] left there and hands back a buffer to sum into next.
     pub fn swap_sum(&mut self, other: &mut Vec<f32>) {
         assert_eq!(other.len(), self.sum.len(), "a buffer of another length");
         std::mem::swap(&mut self.sum, other);
     }
 
-    /// Takes one chunk of `shard`'s upload, encoded as the job's `gradient_compression` says.
-    /// Chunks of a shard must arrive in order, cut at `CHUNK_VALUES`, the final one flagged
-    /// and carrying the samples and batch-norm statistics.
+    /// Takes one chunk of `shard`'s upload, encoded as the job's `gradient_compression` says;
+    /// each chunk whose last part it completes goes to `finish`, in chunk order. Chunks of a
+    /// shard must arrive in order, cut at `CHUNK_VALUES`, the final one flagged and carrying
+    /// the samples and batch-norm statistics.
     pub fn accept(
         &mut self,
         shard: u32,
@@ -197,6 +216,7 @@ impl StreamingMean {
         bytes: Bytes,
         last: bool,
         final_part: (u32, Vec<f32>),
+        finish: &mut impl Finish,
     ) -> Result<Taken, ChunkError> {
         let chunks = self.chunks();
         let position = self
@@ -247,38 +267,44 @@ impl StreamingMean {
             part.bn_stats = Some(bn);
         }
         part.received += 1;
-        if self.summed[c] == position {
-            if !self.add(position, c, &bytes) {
-                return Ok(Taken::NonFinite { shard });
-            }
-            // Later shards' chunks that were waiting for this one.
-            while let Some(next) = self.parts.get_mut(self.summed[c]).and_then(|p| p.early[c].take()) {
-                let next_position = self.summed[c];
-                if !self.add(next_position, c, &next) {
-                    return Ok(Taken::NonFinite {
-                        shard: self.parts[next_position].shard,
-                    });
-                }
-            }
-            while self.complete < chunks && self.summed[self.complete] == self.parts.len() {
-                self.complete += 1;
-            }
-        } else {
+        if self.summed[c] != position {
             self.parts[position].early[c] = Some(bytes);
+            return Ok(Taken::Ok);
+        }
+        if !self.add(position, c, &bytes, finish) {
+            return Ok(Taken::NonFinite { shard });
+        }
+        // Later shards' chunks that were waiting for this one.
+        while let Some(next) = self.parts.get_mut(self.summed[c]).and_then(|p| p.early[c].take()) {
+            let next_position = self.summed[c];
+            if !self.add(next_position, c, &next, finish) {
+                return Ok(Taken::NonFinite {
+                    shard: self.parts[next_position].shard,
+                });
+            }
+        }
+        while self.complete < chunks && self.summed[self.complete] == self.parts.len() {
+            self.complete += 1;
         }
         Ok(Taken::Ok)
     }
 
-    /// Adds one part's chunk to the sum; false if it holds a value that is not finite.
-    fn add(&mut self, position: usize, c: usize, bytes: &[u8]) -> bool {
-        let weight = self.parts[position].weight;
+    /// Adds one part's chunk to the sum, or hands it to `finish` when it is the chunk's last;
+    /// false if it holds a value that is not finite. The sum is not zeroed between phases: the
+    /// first part is written over whatever the buffer holds.
+    fn add(&mut self, position: usize, c: usize, bytes: &[u8], finish: &mut impl Finish) -> bool {
         let range = chunk_range(c, self.len);
-        if self.summed[c] == 0 {
-            // Zeroed here rather than all at once in `begin`: the chunk is about to be read
-            // anyway, and the phase's start is not held up by a pass over the whole buffer.
-            self.sum[range.clone()].fill(0.0);
-        }
-        let finite = self.compression.add_weighted(&mut self.sum[range], bytes, weight);
+        let part = LastPart {
+            bytes,
+            weight: self.parts[position].weight,
+            first: self.summed[c] == 0,
+        };
+        let sum = &mut self.sum[range];
+        let finite = if position + 1 == self.parts.len() {
+            finish.finish(c, sum, part, self.compression)
+        } else {
+            self.compression.add_weighted(sum, part.bytes, part.weight, part.first)
+        };
         self.summed[c] += 1;
         finite
     }

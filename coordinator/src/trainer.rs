@@ -19,6 +19,7 @@
 use bytes::Bytes;
 use forger_common::balance::{StepPlan, decide_balance};
 use forger_common::checkpoint::{self, NetState, TrainingState};
+use forger_common::chunk_update::{ChunkState, LastPart, finish_chunk};
 use forger_common::compression::GradientCompression;
 use forger_common::grid;
 use forger_common::layout::{self, BATCH_NORM_DECAY};
@@ -33,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::error::{CoordinatorError, Result};
 use crate::peers::Peers;
-use crate::reduce::{StreamingMean, Taken, chunk_count, chunk_range};
+use crate::reduce::{Finish, StreamingMean, Taken, chunk_count, chunk_range};
 use crate::run_dir::{EventLog, MetricsLog, RunDir, StepRecord};
 
 mod membership;
@@ -102,6 +103,35 @@ impl NetSlot {
         if self.updated {
             self.mean.swap_sum(&mut master.mean_square);
             self.updated = false;
+        }
+    }
+}
+
+/// Finishes each chunk of the streamed mean with RMSProp (`chunk_update`): the new parameters
+/// go into the slot's spare buffer and, as a buffer of their own, to `updated` for the
+/// broadcast; the new mean square is left in the reduce buffer.
+struct ApplyRmsProp<'a> {
+    optimizer: &'a RmsProp,
+    master: &'a NetState,
+    new_params: &'a mut [f32],
+    updated: &'a mut Vec<(usize, Bytes)>,
+}
+
+impl Finish for ApplyRmsProp<'_> {
+    fn finish(&mut self, chunk: usize, sum: &mut [f32], part: LastPart<'_>, compression: GradientCompression) -> bool {
+        let range = chunk_range(chunk, self.master.params.len());
+        let state = ChunkState {
+            params: &self.master.params[range.clone()],
+            mean_square: &self.master.mean_square[range.clone()],
+            sum_then_mean_square: sum,
+            new_params: &mut self.new_params[range],
+        };
+        match finish_chunk(self.optimizer, compression, part, state) {
+            Some(values) => {
+                self.updated.push((chunk, wire::f32_bytes_owned(values)));
+                true
+            }
+            None => false,
         }
     }
 }
@@ -778,11 +808,12 @@ impl Trainer {
             return self.broadcast_params(net, step, &ids, deadline).await;
         }
         self.slot(net).mean.begin(averaged);
+        let chunks = self.slot(net).mean.chunks();
         let mut sent = 0;
+        let mut updated: Vec<(usize, Bytes)> = Vec::new();
         loop {
-            let chunks = self.slot(net).mean.chunks();
-            while sent < self.slot(net).mean.complete_chunks() {
-                let message = self.apply_chunk(net, step, sent);
+            for (chunk, values) in updated.drain(..) {
+                let message = self.params_chunk_message(net, step, chunk, values);
                 self.peers.send_all(&ids, &[message], deadline, step, phase).await?;
                 sent += 1;
             }
@@ -807,12 +838,23 @@ impl Trainer {
                 return Err(self.unexpected(worker, step, phase, &In::Gradient(chunk)));
             }
             let shard = chunk.shard;
-            let taken = self.slot(net).mean.accept(
+            let (slot, master) = match net {
+                Net::Discriminator => (&mut self.d, &self.state.discriminator),
+                Net::Generator => (&mut self.g, &self.state.generator),
+            };
+            let mut apply = ApplyRmsProp {
+                optimizer: &slot.optimizer,
+                master,
+                new_params: &mut slot.spare,
+                updated: &mut updated,
+            };
+            let taken = slot.mean.accept(
                 shard,
                 chunk.offset as usize,
                 chunk.values,
                 chunk.last,
                 (chunk.samples, chunk.bn_batch_stats),
+                &mut apply,
             );
             match taken {
                 Ok(Taken::Ok) => {}
@@ -844,22 +886,15 @@ impl Trainer {
         }
     }
 
-    /// Applies RMSProp to one complete chunk of the mean, into the slot's `next` buffers, and
-    /// returns the chunk of new parameters to broadcast. After the final chunk the new state
-    /// becomes the master copy and the batch-norm running averages are updated.
-    fn apply_chunk(&mut self, net: Net, step: u64, chunk: usize) -> pb::CoordinatorMessage {
+    /// The message broadcasting chunk `chunk` of a network's new parameters, `values`. After
+    /// the final chunk the new parameters become the master copy and the batch-norm running
+    /// averages are updated.
+    fn params_chunk_message(&mut self, net: Net, step: u64, chunk: usize, values: Bytes) -> pb::CoordinatorMessage {
         let (slot, master) = match net {
             Net::Discriminator => (&mut self.d, &mut self.state.discriminator),
             Net::Generator => (&mut self.g, &mut self.state.generator),
         };
         let range = slot.mean.range(chunk);
-        slot.optimizer.apply_into(
-            &master.params[range.clone()],
-            &master.mean_square[range.clone()],
-            slot.mean.mean_mut(range.clone()),
-            &mut slot.spare[range.clone()],
-        );
-        let values = wire::f32_bytes(&slot.spare[range.clone()]);
         let last = chunk + 1 == slot.mean.chunks();
         if last {
             std::mem::swap(&mut master.params, &mut slot.spare);

@@ -60,15 +60,16 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Sends from a thread outside the runtime; `Err` when the connection is gone.
-    pub fn blocking_send(&self, kind: pb::worker_message::Kind) -> std::result::Result<(), ()> {
-        match kind {
-            pb::worker_message::Kind::Gradient(chunk) => self.data.blocking_send(chunk).map_err(|_| ()),
+    /// Sends from a thread outside the runtime; fails when the connection is gone.
+    pub fn blocking_send(&self, kind: pb::worker_message::Kind) -> Result<()> {
+        let sent = match kind {
+            pb::worker_message::Kind::Gradient(chunk) => self.data.blocking_send(chunk).is_ok(),
             kind => self
                 .session
                 .blocking_send(pb::WorkerMessage { kind: Some(kind) })
-                .map_err(|_| ()),
-        }
+                .is_ok(),
+        };
+        sent.then_some(()).ok_or(WorkerError::SessionClosed)
     }
 }
 

@@ -35,7 +35,9 @@ fn stream(grads: &[Vec<f32>], samples: &[u32], order: &[(u32, usize)]) -> (Vec<f
     for &(shard, c) in order {
         let (offset, bytes, last) = chunk(&grads[shard as usize], c);
         let final_part = (samples[shard as usize], if last { bn(shard) } else { Vec::new() });
-        let taken = mean.accept(shard, offset, bytes, last, final_part).unwrap();
+        let taken = mean
+            .accept(shard, offset, bytes, last, final_part, &mut KeepMean)
+            .unwrap();
         assert_eq!(taken, Taken::Ok);
         assert!(mean.complete_chunks() >= completed, "complete chunks only grow");
         completed = mean.complete_chunks();
@@ -77,14 +79,14 @@ fn a_chunk_completes_only_when_every_shard_delivered_it() {
     let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
     mean.begin(&[(0, 4), (1, 4)]);
     let (o, b, l) = chunk(&grads[1], 0);
-    mean.accept(1, o, b, l, (4, Vec::new())).unwrap();
+    mean.accept(1, o, b, l, (4, Vec::new()), &mut KeepMean).unwrap();
     assert_eq!(mean.complete_chunks(), 0, "shard 1 waits for shard 0");
     let (o, b, l) = chunk(&grads[0], 0);
-    mean.accept(0, o, b, l, (4, Vec::new())).unwrap();
+    mean.accept(0, o, b, l, (4, Vec::new()), &mut KeepMean).unwrap();
     assert_eq!(mean.complete_chunks(), 1);
     assert_eq!(mean.unfinished().collect::<Vec<_>>(), vec![0, 1]);
     let (o, b, l) = chunk(&grads[0], 1);
-    mean.accept(0, o, b, l, (4, bn(0))).unwrap();
+    mean.accept(0, o, b, l, (4, bn(0)), &mut KeepMean).unwrap();
     assert_eq!(mean.unfinished().collect::<Vec<_>>(), vec![1]);
     assert!(!mean.is_complete());
 }
@@ -99,17 +101,17 @@ fn a_non_finite_value_names_its_shard_even_when_it_waited_for_its_turn() {
     mean.begin(&[(0, 2), (1, 2)]);
     // Shard 1's chunk arrives first and is held; it is checked when summed.
     let (o, b, l) = chunk(&bad, 0);
-    assert_eq!(mean.accept(1, o, b, l, (2, bn(1))).unwrap(), Taken::Ok);
+    assert_eq!(mean.accept(1, o, b, l, (2, bn(1)), &mut KeepMean).unwrap(), Taken::Ok);
     let (o, b, l) = chunk(&good, 0);
     assert_eq!(
-        mean.accept(0, o, b, l, (2, bn(0))).unwrap(),
+        mean.accept(0, o, b, l, (2, bn(0)), &mut KeepMean).unwrap(),
         Taken::NonFinite { shard: 1 }
     );
 
     mean.begin(&[(0, 2)]);
     let (o, b, l) = chunk(&good, 0);
     assert_eq!(
-        mean.accept(0, o, b, l, (2, vec![f32::NAN; BN])).unwrap(),
+        mean.accept(0, o, b, l, (2, vec![f32::NAN; BN]), &mut KeepMean).unwrap(),
         Taken::NonFinite { shard: 0 },
         "batch-norm statistics are checked too"
     );
@@ -124,11 +126,11 @@ fn malformed_uploads_are_refused() {
     let (_, first, _) = chunk(&g, 0);
     let (_, second, _) = chunk(&g, 1);
     assert_eq!(
-        mean.accept(0, 4, first.clone(), false, (2, vec![])),
+        mean.accept(0, 4, first.clone(), false, (2, vec![]), &mut KeepMean),
         Err(ChunkError::OutOfOrder { expected: 0, found: 4 })
     );
     assert_eq!(
-        mean.accept(0, 0, first.slice(0..8), false, (2, vec![])),
+        mean.accept(0, 0, first.slice(0..8), false, (2, vec![]), &mut KeepMean),
         Err(ChunkError::WrongSize {
             chunk: 0,
             expected: CHUNK_VALUES,
@@ -136,20 +138,21 @@ fn malformed_uploads_are_refused() {
         })
     );
     assert_eq!(
-        mean.accept(0, 0, first.slice(0..6), false, (2, vec![])),
+        mean.accept(0, 0, first.slice(0..6), false, (2, vec![]), &mut KeepMean),
         Err(ChunkError::Misaligned)
     );
     assert_eq!(
-        mean.accept(0, 0, first.clone(), true, (2, bn(0))),
+        mean.accept(0, 0, first.clone(), true, (2, bn(0)), &mut KeepMean),
         Err(ChunkError::LastFlag { chunk: 0, chunks: 2 })
     );
     assert_eq!(
-        mean.accept(5, 0, first.clone(), false, (2, vec![])),
+        mean.accept(5, 0, first.clone(), false, (2, vec![]), &mut KeepMean),
         Err(ChunkError::NotAveraged)
     );
-    mean.accept(0, 0, first.clone(), false, (2, vec![])).unwrap();
+    mean.accept(0, 0, first.clone(), false, (2, vec![]), &mut KeepMean)
+        .unwrap();
     assert_eq!(
-        mean.accept(0, CHUNK_VALUES, second.clone(), true, (3, bn(0))),
+        mean.accept(0, CHUNK_VALUES, second.clone(), true, (3, bn(0)), &mut KeepMean),
         Err(ChunkError::FinalChunk {
             samples: 3,
             expected_samples: 2,
@@ -157,10 +160,11 @@ fn malformed_uploads_are_refused() {
             expected_bn: BN
         })
     );
-    mean.accept(0, CHUNK_VALUES, second.clone(), true, (2, bn(0))).unwrap();
+    mean.accept(0, CHUNK_VALUES, second.clone(), true, (2, bn(0)), &mut KeepMean)
+        .unwrap();
     assert!(mean.is_complete());
     assert_eq!(
-        mean.accept(0, CHUNK_VALUES, second, true, (2, bn(0))),
+        mean.accept(0, CHUNK_VALUES, second, true, (2, bn(0)), &mut KeepMean),
         Err(ChunkError::AfterEnd)
     );
 }
@@ -188,7 +192,10 @@ fn bf16_chunks_give_the_bits_of_the_mean_of_what_they_decode_to() {
             let last = c + 1 == chunk_count(len);
             let final_part = (samples[shard as usize], if last { bn(shard) } else { Vec::new() });
             let chunk = bytes.slice(range.start * 2..range.end * 2);
-            assert_eq!(mean.accept(shard, range.start, chunk, last, final_part), Ok(Taken::Ok));
+            assert_eq!(
+                mean.accept(shard, range.start, chunk, last, final_part, &mut KeepMean),
+                Ok(Taken::Ok)
+            );
         }
     }
     assert!(mean.is_complete());
@@ -197,7 +204,9 @@ fn bf16_chunks_give_the_bits_of_the_mean_of_what_they_decode_to() {
     // An f32 chunk sent to a bf16 job is twice the size: refused, naming the chunk.
     mean.begin(&[(0, 16)]);
     let (offset, bytes, _) = chunk(&values(1, len), 0);
-    let err = mean.accept(0, offset, bytes, false, (16, Vec::new())).unwrap_err();
+    let err = mean
+        .accept(0, offset, bytes, false, (16, Vec::new()), &mut KeepMean)
+        .unwrap_err();
     assert_eq!(
         err,
         ChunkError::WrongSize {
