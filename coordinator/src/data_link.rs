@@ -56,7 +56,7 @@ pub async fn accept(mut stream: TcpStream, registry: Registry) {
 }
 
 async fn read_hello(stream: &mut TcpStream) -> Result<pb::DataHello, FrameError> {
-    let mut reader = FrameReader::new(stream, 0);
+    let mut reader = FrameReader::handshake(stream);
     reader.read_magic().await?;
     match reader.read::<pb::DataHello>().await? {
         Some((hello, _)) => Ok(hello),

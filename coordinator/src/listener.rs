@@ -1,6 +1,6 @@
 //! The coordinator's one port serves two kinds of connection: gRPC (Join, FetchShard and the
 //! Session) and the workers' data connections. Each accepted connection is told apart by its
-//! first bytes, without consuming them, and handed to the gRPC server or to
+//! first byte, without consuming it, and handed to the gRPC server or to
 //! [`data_link::accept`]. One port keeps deployment simple: one address to give workers, one
 //! port to open in a firewall or publish from a container.
 
@@ -51,9 +51,11 @@ async fn dispatch(stream: TcpStream, grpc: mpsc::Sender<std::io::Result<TcpStrea
         debug!(error = %e, "a connection closed as it was accepted");
         return;
     }
-    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, starts_with_magic(&stream)).await {
-        Ok(Ok(true)) => data_link::accept(stream, registry).await,
-        Ok(Ok(false)) => {
+    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, first_byte(&stream)).await {
+        // HTTP/2 opens with "PRI * HT": one byte tells the two apart, and the data connection's
+        // handshake reads the rest of its magic under its own timeout.
+        Ok(Ok(byte)) if byte == DATA_MAGIC[0] => data_link::accept(stream, registry).await,
+        Ok(Ok(_)) => {
             let _ = grpc.send(Ok(stream)).await;
         }
         Ok(Err(e)) => debug!(error = %e, "a connection failed before it said anything"),
@@ -61,21 +63,12 @@ async fn dispatch(stream: TcpStream, grpc: mpsc::Sender<std::io::Result<TcpStrea
     }
 }
 
-/// Peeks until the first bytes either are the data connection's magic or cannot be.
-async fn starts_with_magic(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut first = [0u8; DATA_MAGIC.len()];
-    loop {
-        let seen = stream.peek(&mut first).await?;
-        if seen == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if !DATA_MAGIC.starts_with(&first[..seen]) {
-            return Ok(false);
-        }
-        if seen == DATA_MAGIC.len() {
-            return Ok(true);
-        }
-        // A prefix of the magic so far: the rest is on its way.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+/// The first byte the peer sent, left unread. Waiting for more by peeking again would spin:
+/// a peek returns at once while any byte is buffered.
+async fn first_byte(stream: &TcpStream) -> std::io::Result<u8> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await? {
+        0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        _ => Ok(first[0]),
     }
 }

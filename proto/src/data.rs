@@ -20,6 +20,10 @@ pub const DATA_MAGIC: [u8; 8] = *b"FORGERDP";
 /// The largest frame header: a chunk's metadata with a network's batch-norm statistics, a few
 /// KiB for any model that fits in memory.
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
+/// The largest hello or welcome: they hold an id, a 32-byte token and at most a sentence. Read
+/// before the peer is known, so kept small: a stranger must not make the coordinator reserve
+/// a megabyte per connection.
+pub const MAX_HANDSHAKE_BYTES: usize = 4 << 10;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,7 @@ pub struct FrameReader<R> {
     reader: R,
     header: Vec<u8>,
     payload: BytesMut,
+    max_header: usize,
     max_payload: usize,
 }
 
@@ -70,7 +75,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             reader,
             header: Vec::new(),
             payload: BytesMut::new(),
+            max_header: MAX_HEADER_BYTES,
             max_payload,
+        }
+    }
+
+    /// A reader for the handshake: headers of at most [`MAX_HANDSHAKE_BYTES`], no payload.
+    pub fn handshake(reader: R) -> Self {
+        FrameReader {
+            max_header: MAX_HANDSHAKE_BYTES,
+            ..FrameReader::new(reader, 0)
         }
     }
 
@@ -87,7 +101,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let header_len = u32::from_le_bytes(lengths[..4].try_into().expect("4 bytes")) as usize;
         let payload_len = u32::from_le_bytes(lengths[4..].try_into().expect("4 bytes")) as usize;
-        check_size("header", header_len, MAX_HEADER_BYTES)?;
+        check_size("header", header_len, self.max_header)?;
         check_size("payload", payload_len, self.max_payload)?;
         self.header.resize(header_len, 0);
         self.reader.read_exact(&mut self.header).await.map_err(truncated)?;
@@ -143,7 +157,7 @@ pub async fn connect(address: &str, hello: &pb::DataHello) -> Result<TcpStream, 
     stream.set_nodelay(true)?;
     stream.write_all(&DATA_MAGIC).await?;
     write_frame(&mut stream, hello, &[]).await?;
-    let mut reader = FrameReader::new(&mut stream, 0);
+    let mut reader = FrameReader::handshake(&mut stream);
     let welcome = reader.read::<pb::DataWelcome>().await?;
     match welcome {
         None => Err(FrameError::Truncated),
@@ -283,6 +297,19 @@ mod tests {
         a.write_all(&0u32.to_le_bytes()).await.unwrap();
         let error = FrameReader::new(b, 1000).read::<pb::GradientChunk>().await.unwrap_err();
         assert!(matches!(error, FrameError::TooLarge { part: "header", .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_header_over_a_few_kib_is_refused_before_anything_is_reserved() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&((MAX_HANDSHAKE_BYTES + 1) as u32).to_le_bytes())
+            .await
+            .unwrap();
+        a.write_all(&0u32.to_le_bytes()).await.unwrap();
+        let mut reader = FrameReader::handshake(b);
+        let error = reader.read::<pb::DataHello>().await.unwrap_err();
+        assert!(matches!(error, FrameError::TooLarge { part: "header", .. }), "{error}");
+        assert_eq!(reader.header.capacity(), 0);
     }
 
     #[tokio::test]

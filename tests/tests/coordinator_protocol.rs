@@ -852,6 +852,30 @@ async fn a_second_session_or_data_connection_claiming_a_worker_s_id_is_refused_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_s_oversized_hello_is_refused_before_memory_is_reserved_for_it() {
+    use tokio::io::AsyncWriteExt as _;
+    let (_data, _run, coordinator) = tiny_cluster(1, 1).await;
+    let address = coordinator.url().trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stream.write_all(&forger_proto::data::DATA_MAGIC).await.unwrap();
+    stream.write_all(&(1u32 << 20).to_le_bytes()).await.unwrap();
+    stream.write_all(&0u32.to_le_bytes()).await.unwrap();
+    let mut reader = forger_proto::data::FrameReader::handshake(stream);
+    let (welcome, _) = tokio::time::timeout(Duration::from_secs(10), reader.read::<pb::DataWelcome>())
+        .await
+        .expect("answered at once")
+        .unwrap()
+        .expect("a welcome frame");
+    let limit = forger_proto::data::MAX_HANDSHAKE_BYTES;
+    assert!(
+        welcome.refusal.contains(&format!("over the limit of {limit}")),
+        "{}",
+        welcome.refusal
+    );
+    drop(coordinator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_without_a_data_connection_is_refused_with_the_reason() {
     let (_data, _run, coordinator) = tiny_cluster(1, 1).await;
     let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator.url())
