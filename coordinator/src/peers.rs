@@ -425,12 +425,8 @@ impl Peers {
 }
 
 fn shutdown_message(reason: &str, rejoin: bool) -> pb::CoordinatorMessage {
-    pb::CoordinatorMessage {
-        // Stamped as it is sent.
-        data_frames_before: 0,
-        kind: Some(pb::coordinator_message::Kind::Shutdown(pb::Shutdown {
-            reason: reason.to_string(),
-            rejoin,
-        })),
-    }
+    pb::CoordinatorMessage::of(pb::coordinator_message::Kind::Shutdown(pb::Shutdown {
+        reason: reason.to_string(),
+        rejoin,
+    }))
 }

@@ -516,16 +516,12 @@ impl Trainer {
                     indices: batches[shard as usize].clone(),
                 })
                 .collect();
-            let message = pb::CoordinatorMessage {
-                // Stamped as it is sent.
-                data_frames_before: 0,
-                kind: Some(Out::Evaluate(pb::Evaluate {
-                    step,
-                    attempt,
-                    batches,
-                    check_params,
-                })),
-            };
+            let message = pb::CoordinatorMessage::of(Out::Evaluate(pb::Evaluate {
+                step,
+                attempt,
+                batches,
+                check_params,
+            }));
             self.peers.send(*worker, message, deadline, step, "evaluate").await?;
         }
         let evaluation = self.gather_losses(step, check_params, &training).await?;
@@ -547,16 +543,12 @@ impl Trainer {
                     steps: self.skipped_in_a_row,
                 });
             }
-            let plan = pb::CoordinatorMessage {
-                // Stamped as it is sent.
-                data_frames_before: 0,
-                kind: Some(Out::Plan(pb::Plan {
-                    step,
-                    attempt,
-                    train_d: false,
-                    train_g: false,
-                })),
-            };
+            let plan = pb::CoordinatorMessage::of(Out::Plan(pb::Plan {
+                step,
+                attempt,
+                train_d: false,
+                train_g: false,
+            }));
             self.peers.send_all(&all_ids, &[plan], deadline, step, "plan").await?;
             self.finish_step(step);
             return Ok(StepRecord {
@@ -579,16 +571,12 @@ impl Trainer {
         let loss_d = 0.5 * (evaluation.loss_d_real + evaluation.loss_d_fake);
         let plan = decide_balance(loss_d, evaluation.loss_g, self.spec.train.balance);
         let StepPlan { train_d, train_g } = plan;
-        let message = pb::CoordinatorMessage {
-            // Stamped as it is sent.
-            data_frames_before: 0,
-            kind: Some(Out::Plan(pb::Plan {
-                step,
-                attempt,
-                train_d,
-                train_g,
-            })),
-        };
+        let message = pb::CoordinatorMessage::of(Out::Plan(pb::Plan {
+            step,
+            attempt,
+            train_d,
+            train_g,
+        }));
         self.peers
             .send_all(&all_ids, &[message], deadline, step, "plan")
             .await?;
@@ -984,15 +972,11 @@ impl Trainer {
 
     async fn request_samples(&mut self, worker: u64, step: u64) -> Result<Bytes> {
         let count = self.spec.checkpoint.samples;
-        let request = pb::CoordinatorMessage {
-            // Stamped as it is sent.
-            data_frames_before: 0,
-            kind: Some(Out::Sample(pb::SampleRequest {
-                step,
-                count,
-                seed: seeds::derive(self.spec.train.seed, Stream::SampleNoise, &[]),
-            })),
-        };
+        let request = pb::CoordinatorMessage::of(Out::Sample(pb::SampleRequest {
+            step,
+            count,
+            seed: seeds::derive(self.spec.train.seed, Stream::SampleNoise, &[]),
+        }));
         let deadline = self.phase_deadline();
         self.peers.send(worker, request, deadline, step, "sample").await?;
         let size = self.spec.data.image_size;
@@ -1049,18 +1033,14 @@ fn params_chunk(
     values: Bytes,
     bn_running: Option<Vec<f32>>,
 ) -> pb::CoordinatorMessage {
-    pb::CoordinatorMessage {
+    pb::CoordinatorMessage::of(Out::Params(pb::ParamsChunk {
+        step,
+        network: network as i32,
+        offset: offset as u64,
+        values,
+        last: bn_running.is_some(),
+        bn_running_stats: bn_running.unwrap_or_default(),
         // Stamped as it is sent.
-        data_frames_before: 0,
-        kind: Some(Out::Params(pb::ParamsChunk {
-            step,
-            network: network as i32,
-            offset: offset as u64,
-            values,
-            last: bn_running.is_some(),
-            bn_running_stats: bn_running.unwrap_or_default(),
-            // Stamped as it is sent.
-            session_messages_before: 0,
-        })),
-    }
+        session_messages_before: 0,
+    }))
 }

@@ -15,3 +15,14 @@ pub const PROTOCOL_VERSION: u32 = 3;
 pub mod pb {
     tonic::include_proto!("forger.v1");
 }
+
+impl pb::CoordinatorMessage {
+    /// A message of `kind`, its `data_frames_before` still 0: the coordinator stamps it as it
+    /// sends it, since only then is the count known.
+    pub fn of(kind: pb::coordinator_message::Kind) -> Self {
+        pb::CoordinatorMessage {
+            data_frames_before: 0,
+            kind: Some(kind),
+        }
+    }
+}

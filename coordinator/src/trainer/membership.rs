@@ -231,11 +231,7 @@ impl Trainer {
             }
             peer.assigning = Some(shards.clone());
             self.peers.registry().assign(worker, &shards);
-            let assign = pb::CoordinatorMessage {
-                // Stamped as it is sent.
-                data_frames_before: 0,
-                kind: Some(Out::Assign(pb::Assign { shards: shards.clone() })),
-            };
+            let assign = pb::CoordinatorMessage::of(Out::Assign(pb::Assign { shards: shards.clone() }));
             if let Err(e) = self.peers.send(worker, assign, deadline, step, "assign").await {
                 self.evict_for(e)?;
                 return Ok(Round::Again);
