@@ -27,5 +27,5 @@ pub mod trainer;
 
 pub use error::{CoordinatorError, Result};
 pub use local::LocalWorkers;
-pub use start::{ServeConfig, serve};
+pub use start::{Resume, ServeConfig, serve};
 pub use trainer::RunSummary;

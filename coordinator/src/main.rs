@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use forger_common::spec::JobSpec;
-use forger_coordinator::{LocalWorkers, ServeConfig};
+use forger_coordinator::{LocalWorkers, Resume, ServeConfig};
 
 /// Trains the forger DCGAN data-parallel across the workers that join.
 #[derive(Debug, Parser)]
@@ -20,9 +20,19 @@ struct Args {
     /// Address to listen on for workers.
     #[arg(long, env = "FORGER_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
-    /// Continue from the newest checkpoint in the run directory.
-    #[arg(long, env = "FORGER_RESUME", value_parser = clap::builder::BoolishValueParser::new())]
-    resume: bool,
+    /// Continue from the newest checkpoint in the run directory. `--resume=auto` continues if
+    /// there is one and starts fresh otherwise (for a coordinator that a supervisor restarts).
+    #[arg(
+        long,
+        env = "FORGER_RESUME",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "yes",
+        default_value = "no",
+        value_name = "yes|no|auto",
+        value_parser = parse_resume
+    )]
+    resume: Resume,
     /// Overrides the spec's data.path.
     #[arg(long, env = "FORGER_DATA")]
     data: Option<PathBuf>,
@@ -105,6 +115,16 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         eprintln!("finished at step {}", summary.step);
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `--resume`'s value: yes or no (also true/false, on/off, 1/0), or auto.
+fn parse_resume(value: &str) -> Result<Resume, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "auto" => Ok(Resume::IfAny),
+        "yes" | "true" | "on" | "1" => Ok(Resume::Required),
+        "no" | "false" | "off" | "0" => Ok(Resume::No),
+        _ => Err(format!("expected yes, no or auto, found {value:?}")),
+    }
 }
 
 /// The first Ctrl-C or SIGTERM asks the run to stop after the current step (abandoning it if

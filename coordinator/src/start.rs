@@ -30,10 +30,29 @@ use crate::trainer::{RunSummary, Trainer};
 pub struct ServeConfig {
     pub spec: JobSpec,
     pub run_dir: PathBuf,
-    /// Continue from the newest checkpoint in `run_dir`.
-    pub resume: bool,
+    /// Whether to continue from the newest checkpoint in `run_dir`.
+    pub resume: Resume,
     /// Also start worker processes on this machine.
     pub local_workers: Option<LocalWorkers>,
+}
+
+/// What to do with the checkpoints already in the run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Start fresh; a run directory that holds checkpoints is refused, so that nothing is
+    /// overwritten by mistake.
+    No,
+    /// Continue from the newest checkpoint; there must be one.
+    Required,
+    /// Continue from the newest checkpoint if there is one, otherwise start fresh: for a
+    /// coordinator that a supervisor (Docker, Kubernetes, Slurm) restarts with the same command.
+    IfAny,
+}
+
+impl From<bool> for Resume {
+    fn from(resume: bool) -> Resume {
+        if resume { Resume::Required } else { Resume::No }
+    }
 }
 
 /// How long local workers get to exit once told to.
@@ -210,9 +229,13 @@ pub async fn serve(
 
 /// A fresh state, or the newest checkpoint's when resuming, with the settings that changed
 /// since that checkpoint's spec (beyond `train.steps`, which is how a run is extended).
-fn initial_state(spec: &JobSpec, run: &RunDir, resume: bool) -> Result<(TrainingState, Vec<String>)> {
+fn initial_state(spec: &JobSpec, run: &RunDir, resume: Resume) -> Result<(TrainingState, Vec<String>)> {
     let checkpoint::Newest { found: newest, skipped } = checkpoint::load_newest(&run.checkpoints())?;
-    if !resume {
+    if resume == Resume::IfAny && newest.is_none() && skipped.is_empty() {
+        info!(path = %run.root().display(), "no checkpoint in the run directory: starting fresh");
+        return Ok((forger_common::init::fresh_state(spec), Vec::new()));
+    }
+    if resume == Resume::No {
         if newest.is_some() || !skipped.is_empty() {
             return Err(CoordinatorError::RunDir {
                 path: run.root().to_path_buf(),

@@ -110,7 +110,7 @@ impl TestCoordinator {
         let config = ServeConfig {
             spec,
             run_dir: run_dir.to_path_buf(),
-            resume,
+            resume: resume.into(),
             local_workers,
         };
         let (stop, stopped) = oneshot::channel::<()>();
