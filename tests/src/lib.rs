@@ -1,10 +1,12 @@
 //! Test harness for forger's cluster tests: where the binaries and the shared faces are,
 //! job specs for small runs, a coordinator started in-process on a port-0 listener, a fake
-//! worker that speaks the protocol with gradients the test chooses, and real worker and
-//! coordinator processes for fault tests.
+//! worker that speaks the protocol with gradients the test chooses, real worker and
+//! coordinator processes for fault tests, and the checks that hold the deployment files
+//! under `deploy/` to the binaries (`manifest_check`).
 
 pub mod exchange;
 pub mod fake_worker;
+pub mod manifest_check;
 pub mod processes;
 pub mod reference;
 

@@ -1,0 +1,556 @@
+//! Holds deployment files to the binaries they start.
+//!
+//! A manifest can be wrong in ways nothing else notices: clap ignores an environment variable
+//! it does not know (`FORGER_DEVICE` for `FORGER_DEVICES` trains on one GPU and says nothing),
+//! a Service can forward a port the coordinator does not listen on, and a spec can ask for
+//! more workers than are deployed, so the run waits for ones that never come. These checks
+//! read what the files say and compare it with each binary's `--help` and with each other.
+//!
+//! Every deployment format is reduced to the same [`Container`]: a binary, its environment,
+//! its arguments and its volume mounts. [`k8s`] reads Kubernetes manifests into containers,
+//! [`script`] finds the invocations in a shell script, and [`cli`] reads what a binary
+//! accepts; the checks here work on containers alone, so a docker-compose reader can reuse
+//! them. Each problem names the file, the object and the field to fix.
+
+pub mod cli;
+pub mod k8s;
+pub mod script;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use forger_common::spec::JobSpec;
+
+use crate::manifest_check::cli::Cli;
+
+/// Where in a deployment file a value lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The file, relative to the repository root.
+    pub file: String,
+    /// The object in the file, for example `Job/forger-workers` or a compose service.
+    pub object: String,
+    /// The dotted path to the field inside the object.
+    pub field: String,
+}
+
+impl Location {
+    pub fn new(file: &str, object: &str, field: &str) -> Location {
+        Location {
+            file: file.to_string(),
+            object: object.to_string(),
+            field: field.to_string(),
+        }
+    }
+
+    /// A field below this one.
+    pub fn child(&self, field: &str) -> Location {
+        let field = if self.field.is_empty() {
+            field.to_string()
+        } else if field.starts_with('[') {
+            format!("{}{field}", self.field)
+        } else {
+            format!("{}.{field}", self.field)
+        };
+        Location { field, ..self.clone() }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file, self.object, self.field)
+    }
+}
+
+/// One disagreement, at the value that has to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub at: Location,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(at: Location, message: impl Into<String>) -> Problem {
+        Problem {
+            at,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// All problems, one a line, for an assertion message.
+pub fn report(problems: &[Problem]) -> String {
+    problems.iter().map(|p| format!("  {p}\n")).collect()
+}
+
+/// The two programs a deployment starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Binary {
+    Coordinator,
+    Worker,
+}
+
+impl Binary {
+    pub const ALL: [Binary; 2] = [Binary::Coordinator, Binary::Worker];
+
+    /// The executable's file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Binary::Coordinator => "forger-coordinator",
+            Binary::Worker => "forger-worker",
+        }
+    }
+
+    /// The binary whose executable is `word`'s last path segment, if any: `forger-worker`,
+    /// `/opt/forger/bin/forger-worker` and `"$BIN_DIR/forger-worker"` all name the worker.
+    pub fn named(word: &str) -> Option<Binary> {
+        let base = word.rsplit('/').next().unwrap_or(word);
+        Binary::ALL.into_iter().find(|b| b.name() == base)
+    }
+}
+
+/// A volume mounted into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Where the container sees it.
+    pub path: String,
+    pub read_only: bool,
+    /// The volume's name in its file (a pod volume, a claim template, a compose volume).
+    pub volume: String,
+    /// Kubernetes' `subPath`: the mount shows this entry of the volume rather than all of it.
+    pub sub_path: Option<String>,
+    pub at: Location,
+}
+
+/// A port a container declares, with its name if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    pub name: Option<String>,
+    pub number: u16,
+}
+
+/// One process a deployment file starts: which binary, with what environment and arguments,
+/// seeing which volumes.
+#[derive(Debug, Clone)]
+pub struct Container {
+    /// The container itself; its fields are named below this.
+    pub at: Location,
+    pub binary: Binary,
+    /// Each variable's value; `None` when it is filled in elsewhere (Kubernetes' `valueFrom`).
+    pub env: BTreeMap<String, Option<String>>,
+    /// The arguments after the executable.
+    pub args: Vec<String>,
+    /// The field the arguments came from, below `at` (`args`, or `command` when it holds them).
+    pub args_field: String,
+    pub ports: Vec<Port>,
+    pub mounts: Vec<Mount>,
+}
+
+/// A setting's value and where it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub value: String,
+    pub at: Location,
+}
+
+impl Container {
+    /// A container with nothing set yet.
+    pub fn new(at: Location, binary: Binary) -> Container {
+        Container {
+            at,
+            binary,
+            env: BTreeMap::new(),
+            args: Vec::new(),
+            args_field: "args".into(),
+            ports: Vec::new(),
+            mounts: Vec::new(),
+        }
+    }
+
+    fn env_at(&self, name: &str) -> Location {
+        self.at.child(&format!("env[{name}]"))
+    }
+
+    fn args_at(&self) -> Location {
+        self.at.child(&self.args_field)
+    }
+
+    /// The value of a setting that has a flag and an environment variable, as the binary
+    /// sees it: clap takes the flag over the variable.
+    pub fn setting(&self, flag: &str, env: &str) -> Option<Setting> {
+        let inline = format!("{flag}=");
+        let mut words = self.args.iter();
+        while let Some(word) = words.next() {
+            if word == flag
+                && let Some(value) = words.next()
+            {
+                return Some(Setting {
+                    value: value.clone(),
+                    at: self.args_at(),
+                });
+            }
+            if let Some(value) = word.strip_prefix(&inline) {
+                return Some(Setting {
+                    value: value.to_string(),
+                    at: self.args_at(),
+                });
+            }
+        }
+        match self.env.get(env) {
+            Some(Some(value)) => Some(Setting {
+                value: value.clone(),
+                at: self.env_at(env),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The mount that shows `path` to the container: the deepest one at or above it.
+    pub fn mount_for(&self, path: &str) -> Option<&Mount> {
+        let path = path.trim_end_matches('/');
+        self.mounts
+            .iter()
+            .filter(|m| {
+                let root = m.path.trim_end_matches('/');
+                path == root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+            })
+            .max_by_key(|m| m.path.trim_end_matches('/').len())
+    }
+}
+
+/// Every `FORGER_*` variable the container sets must be one its binary reads: clap silently
+/// ignores the others, so a misspelt name changes nothing and says nothing.
+pub fn check_env_names(container: &Container, cli: &Cli) -> Vec<Problem> {
+    let Ok(surface) = cli.surface_for(&container.args) else {
+        // check_flags reports the unknown subcommand.
+        return Vec::new();
+    };
+    container
+        .env
+        .keys()
+        .filter(|name| name.starts_with("FORGER_") && !surface.env.contains(*name))
+        .map(|name| {
+            Problem::new(
+                container.env_at(name),
+                format!(
+                    "{name} is not an environment variable of {}, which would ignore it (it reads {})",
+                    surface.command,
+                    join(&surface.env)
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Every `--flag` in the arguments must be one its binary (or the subcommand they name)
+/// accepts: clap refuses an unknown flag, but only once the container is running.
+pub fn check_flags(container: &Container, cli: &Cli) -> Vec<Problem> {
+    let surface = match cli.surface_for(&container.args) {
+        Ok(surface) => surface,
+        Err(message) => return vec![Problem::new(container.args_at(), message)],
+    };
+    let mut problems = Vec::new();
+    for word in &container.args {
+        if word == "--" {
+            break;
+        }
+        let Some(flag) = word.strip_prefix("--") else {
+            continue;
+        };
+        let name = flag.split('=').next().unwrap_or(flag);
+        if !surface.flags.contains(name) {
+            problems.push(Problem::new(
+                container.args_at(),
+                format!(
+                    "--{name} is not a flag of {} (its flags: {})",
+                    surface.command,
+                    join(surface.flags.iter().map(|f| format!("--{f}")))
+                ),
+            ));
+        }
+    }
+    problems
+}
+
+/// The port the coordinator listens on (when it can be read), which must be reachable from
+/// other hosts and be a port the container declares (when it declares any). The port comes
+/// back with the problems so the endpoints can still be held to it.
+pub fn check_listen(coordinator: &Container) -> (Option<u16>, Vec<Problem>) {
+    let unread = |at: Location, message: String| (None, vec![Problem::new(at, message)]);
+    let Some(listen) = coordinator.setting("--listen", "FORGER_LISTEN") else {
+        return unread(
+            coordinator.env_at("FORGER_LISTEN"),
+            "not set: the coordinator would listen on its default 127.0.0.1:50051, which no other host can reach"
+                .into(),
+        );
+    };
+    let Some((host, port)) = listen.value.rsplit_once(':') else {
+        return unread(listen.at, format!("`{}` is not HOST:PORT", listen.value));
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return unread(listen.at, format!("`{}` has no valid port", listen.value));
+    };
+    let mut problems = Vec::new();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host == "localhost" || host == "::1" || host.starts_with("127.") {
+        problems.push(Problem::new(
+            listen.at.clone(),
+            format!(
+                "`{}` is a loopback address: workers on other hosts cannot reach it",
+                listen.value
+            ),
+        ));
+    }
+    if !coordinator.ports.is_empty() && !coordinator.ports.iter().any(|p| p.number == port) {
+        problems.push(Problem::new(
+            coordinator.at.child("ports"),
+            format!(
+                "the coordinator listens on port {port} ({}) but the container declares {}",
+                listen.at.field,
+                join(coordinator.ports.iter().map(|p| p.number.to_string()))
+            ),
+        ));
+    }
+    (Some(port), problems)
+}
+
+/// How a name workers dial reaches the coordinator: a Kubernetes Service port, or a compose
+/// service name on the coordinator's own port.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub at: Location,
+    /// The host name workers put in their coordinator URL.
+    pub host: String,
+    /// The port workers dial.
+    pub port: u16,
+    /// The coordinator container's port it forwards to.
+    pub target: TargetPort,
+}
+
+/// A Service's `targetPort`: a number, or the name of one of the container's ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+/// The endpoints must forward to the port the coordinator listens on, and every worker's
+/// coordinator URL must be `http://HOST:PORT` naming one of them.
+pub fn check_endpoints(
+    coordinator: &Container,
+    listen_port: u16,
+    endpoints: &[Endpoint],
+    workers: &[Container],
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for endpoint in endpoints {
+        let target = match &endpoint.target {
+            TargetPort::Number(n) => Some(*n),
+            TargetPort::Name(name) => coordinator
+                .ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.number),
+        };
+        match target {
+            None => problems.push(Problem::new(
+                endpoint.at.clone(),
+                format!(
+                    "forwards to {:?}, which is no port of the coordinator container ({})",
+                    endpoint.target, coordinator.at
+                ),
+            )),
+            Some(target) if target != listen_port => problems.push(Problem::new(
+                endpoint.at.clone(),
+                format!("forwards to port {target}, but the coordinator listens on {listen_port}"),
+            )),
+            Some(_) => {}
+        }
+    }
+    for worker in workers {
+        let Some(url) = worker.setting("--coordinator", "FORGER_COORDINATOR") else {
+            problems.push(Problem::new(
+                worker.env_at("FORGER_COORDINATOR"),
+                "not set: the worker has no coordinator to dial",
+            ));
+            continue;
+        };
+        let Some(address) = url.value.strip_prefix("http://") else {
+            problems.push(Problem::new(
+                url.at,
+                format!(
+                    "`{}` must start with http:// (the worker dials plain HTTP/2)",
+                    url.value
+                ),
+            ));
+            continue;
+        };
+        let address = address.trim_end_matches('/');
+        let Some((host, port)) = address
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        else {
+            problems.push(Problem::new(
+                url.at,
+                format!("`{}` names no port (http://HOST:PORT)", url.value),
+            ));
+            continue;
+        };
+        // A Service is also reachable by its longer names (forger-coordinator.ns.svc...).
+        let serving: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| host == e.host || host.strip_prefix(e.host.as_str()).is_some_and(|r| r.starts_with('.')))
+            .collect();
+        if serving.is_empty() {
+            problems.push(Problem::new(
+                url.at,
+                format!(
+                    "`{}` dials host {host}, but the coordinator is reached as {}",
+                    url.value,
+                    join(endpoints.iter().map(|e| format!("{} ({})", e.host, e.at.object)))
+                ),
+            ));
+        } else if !serving.iter().any(|e| e.port == port) {
+            problems.push(Problem::new(
+                url.at,
+                format!(
+                    "`{}` dials port {port}, but {} serves port {}",
+                    url.value,
+                    serving[0].at.object,
+                    join(serving.iter().map(|e| e.port.to_string()))
+                ),
+            ));
+        }
+    }
+    problems
+}
+
+/// The spec, run directory and dataset the coordinator is told to use must each be on a
+/// mounted volume (a path inside the image is lost with the container), and the run
+/// directory's must be writable.
+pub fn check_mounts(container: &Container) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (flag, env, writes) in [
+        ("--spec", "FORGER_SPEC", false),
+        ("--out", "FORGER_OUT", true),
+        ("--data", "FORGER_DATA", false),
+    ] {
+        let Some(setting) = container.setting(flag, env) else {
+            continue;
+        };
+        match container.mount_for(&setting.value) {
+            None => problems.push(Problem::new(
+                setting.at,
+                format!(
+                    "{} is on no mounted volume (mounts: {})",
+                    setting.value,
+                    join(container.mounts.iter().map(|m| m.path.clone()))
+                ),
+            )),
+            Some(mount) if writes && mount.read_only => problems.push(Problem::new(
+                mount.at.clone(),
+                format!(
+                    "{} holds the run directory {} ({}) but is mounted read-only",
+                    mount.path, setting.value, setting.at.field
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+/// The spec must parse as forger would read it, and ask for as many workers as are deployed:
+/// with more, the run waits for workers that never come; with fewer, the extra ones are
+/// turned away.
+pub fn check_spec(text: &str, at: &Location, deployed_workers: u32) -> Vec<Problem> {
+    match JobSpec::parse(text, &at.to_string()) {
+        Err(e) => vec![Problem::new(at.clone(), format!("not a valid forger job spec: {e}"))],
+        Ok(spec) if spec.cluster.workers != deployed_workers => vec![Problem::new(
+            at.clone(),
+            format!(
+                "cluster.workers = {} but {deployed_workers} worker(s) are deployed",
+                spec.cluster.workers
+            ),
+        )],
+        Ok(_) => Vec::new(),
+    }
+}
+
+/// Every check that applies to a container on its own.
+pub fn check_container(container: &Container, cli: &Cli) -> Vec<Problem> {
+    let mut problems = check_env_names(container, cli);
+    problems.extend(check_flags(container, cli));
+    problems.extend(check_mounts(container));
+    problems
+}
+
+fn join<T: AsRef<str>>(items: impl IntoIterator<Item = T>) -> String {
+    let items: Vec<String> = items.into_iter().map(|s| s.as_ref().to_string()).collect();
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coordinator(env: &[(&str, &str)], args: &[&str]) -> Container {
+        let mut c = Container::new(
+            Location::new("f.yaml", "StatefulSet/c", "containers[c]"),
+            Binary::Coordinator,
+        );
+        c.env = env.iter().map(|(k, v)| (k.to_string(), Some(v.to_string()))).collect();
+        c.args = args.iter().map(|s| s.to_string()).collect();
+        c
+    }
+
+    #[test]
+    fn a_flag_wins_over_its_environment_variable() {
+        let c = coordinator(&[("FORGER_LISTEN", "0.0.0.0:1")], &["--listen", "0.0.0.0:2"]);
+        assert_eq!(c.setting("--listen", "FORGER_LISTEN").unwrap().value, "0.0.0.0:2");
+        let c = coordinator(&[("FORGER_LISTEN", "0.0.0.0:1")], &["--listen=0.0.0.0:3"]);
+        assert_eq!(c.setting("--listen", "FORGER_LISTEN").unwrap().value, "0.0.0.0:3");
+        let c = coordinator(&[("FORGER_LISTEN", "0.0.0.0:1")], &[]);
+        let setting = c.setting("--listen", "FORGER_LISTEN").unwrap();
+        assert_eq!(setting.at.field, "containers[c].env[FORGER_LISTEN]");
+    }
+
+    #[test]
+    fn a_loopback_or_missing_listen_address_is_refused() {
+        let (port, problems) = check_listen(&coordinator(&[("FORGER_LISTEN", "0.0.0.0:7")], &[]));
+        assert_eq!((port, problems), (Some(7), vec![]));
+        let (port, problems) = check_listen(&coordinator(&[("FORGER_LISTEN", "127.0.0.1:7")], &[]));
+        assert_eq!(port, Some(7));
+        assert!(problems[0].message.contains("loopback"), "{}", problems[0]);
+        let (port, problems) = check_listen(&coordinator(&[], &[]));
+        assert_eq!(port, None);
+        assert!(problems[0].message.contains("default"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn the_deepest_mount_holds_a_path() {
+        let mut c = coordinator(&[], &[]);
+        for path in ["/var", "/var/lib/forger", "/data"] {
+            c.mounts.push(Mount {
+                path: path.into(),
+                read_only: false,
+                volume: path.into(),
+                sub_path: None,
+                at: c.at.child("volumeMounts"),
+            });
+        }
+        assert_eq!(c.mount_for("/var/lib/forger/run").unwrap().path, "/var/lib/forger");
+        assert_eq!(c.mount_for("/data").unwrap().path, "/data");
+        assert!(c.mount_for("/database").is_none());
+    }
+}

@@ -1,0 +1,241 @@
+//! The deployment files under `deploy/` against the built binaries' `--help`: the Kubernetes
+//! manifests and the Slurm script must use only flags and variables the binaries read, and
+//! agree with each other on ports, names, volumes and the number of workers. The negative
+//! tests break one thing in a copy of the real files and expect the checker to name it.
+
+use std::sync::OnceLock;
+
+use forger_tests::manifest_check::cli::Cli;
+use forger_tests::manifest_check::{Binary, Container, Problem, check_env_names, check_flags, k8s, report, script};
+use forger_tests::{binary, repo_root};
+
+const SLURM_SCRIPT: &str = "deploy/slurm/forger.sbatch";
+
+/// The coordinator's and the worker's command lines, read once from the release binaries.
+fn clis() -> &'static (Cli, Cli) {
+    static CLIS: OnceLock<(Cli, Cli)> = OnceLock::new();
+    CLIS.get_or_init(|| {
+        let load = |b: Binary| Cli::load(b, &binary(b.name())).expect("read the binary's --help");
+        (load(Binary::Coordinator), load(Binary::Worker))
+    })
+}
+
+fn k8s_files() -> Vec<(String, String)> {
+    let root = repo_root();
+    let files = k8s::read_dir(&root.join("deploy/k8s"), &root).expect("read deploy/k8s");
+    assert!(
+        files.len() >= 4,
+        "expected the manifests in deploy/k8s, found {files:?}"
+    );
+    files
+}
+
+/// The files with each `(from, to)` applied once to the file ending in `file`; every `from`
+/// must be there, so a test cannot pass by changing nothing.
+fn k8s_files_with(file: &str, edits: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut files = k8s_files();
+    let (_, text) = files
+        .iter_mut()
+        .find(|(name, _)| name.ends_with(file))
+        .unwrap_or_else(|| panic!("no manifest {file}"));
+    for (from, to) in edits {
+        assert!(text.contains(from), "{file} no longer contains `{from}`");
+        *text = text.replacen(from, to, 1);
+    }
+    files
+}
+
+fn k8s_problems(files: &[(String, String)]) -> Vec<Problem> {
+    let (coordinator, worker) = clis();
+    let (objects, mut problems) = k8s::parse_all(files);
+    problems.extend(k8s::check(&objects, coordinator, worker));
+    problems.extend(k8s::check_kustomization(&objects, files));
+    problems
+}
+
+/// The one problem at `field` of `object` in `file`, whose message contains `words`.
+fn expect_problem<'p>(problems: &'p [Problem], file: &str, object: &str, field: &str, words: &str) -> &'p Problem {
+    problems
+        .iter()
+        .find(|p| p.at.file == file && p.at.object == object && p.at.field == field && p.message.contains(words))
+        .unwrap_or_else(|| {
+            panic!(
+                "expected a problem at {file}: {object}: {field} saying `{words}`, found:\n{}",
+                report(problems)
+            )
+        })
+}
+
+fn slurm_invocations(text: &str) -> Vec<Container> {
+    let found = script::invocations(SLURM_SCRIPT, text);
+    let binaries: Vec<Binary> = found.iter().map(|c| c.binary).collect();
+    assert_eq!(binaries, [Binary::Coordinator, Binary::Worker], "{found:#?}");
+    found
+}
+
+fn script_problems(found: &[Container]) -> Vec<Problem> {
+    let (coordinator, worker) = clis();
+    let mut problems = Vec::new();
+    for container in found {
+        let cli = match container.binary {
+            Binary::Coordinator => coordinator,
+            Binary::Worker => worker,
+        };
+        problems.extend(check_env_names(container, cli));
+        problems.extend(check_flags(container, cli));
+    }
+    problems
+}
+
+#[test]
+fn the_kubernetes_manifests_agree_with_the_binaries() {
+    let problems = k8s_problems(&k8s_files());
+    assert!(
+        problems.is_empty(),
+        "deploy/k8s disagrees with the binaries:\n{}",
+        report(&problems)
+    );
+}
+
+#[test]
+fn the_kubernetes_reader_finds_one_coordinator_and_gpu_workers_driving_every_device() {
+    let (objects, problems) = k8s::parse_all(&k8s_files());
+    assert!(problems.is_empty(), "{}", report(&problems));
+    let containers: Vec<(&k8s::Object, Container)> = objects
+        .iter()
+        .flat_map(|o| k8s::containers(o).0.into_iter().map(move |c| (o, c)))
+        .collect();
+    let of = |b: Binary| containers.iter().filter(move |(_, c)| c.binary == b);
+    assert_eq!(of(Binary::Coordinator).count(), 1);
+    let (job, worker) = of(Binary::Worker).next().expect("a worker container");
+    assert_eq!(job.id(), "Job/forger-workers");
+    assert_eq!(job.yaml["spec"]["completionMode"].as_str(), Some("Indexed"));
+    assert_eq!(worker.env["FORGER_DEVICES"].as_deref(), Some("all"));
+    let gpus = &job.yaml["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"];
+    assert!(
+        gpus.as_i64().is_some_and(|n| n >= 1),
+        "the workers ask for GPUs: {gpus:?}"
+    );
+}
+
+#[test]
+fn the_slurm_script_uses_only_flags_the_binaries_have() {
+    let text = std::fs::read_to_string(repo_root().join(SLURM_SCRIPT)).expect("read the Slurm script");
+    let found = slurm_invocations(&text);
+    assert!(
+        found[1].args.windows(2).any(|w| w == ["--devices", "all"]),
+        "each node's worker drives every GPU: {:?}",
+        found[1].args
+    );
+    let problems = script_problems(&found);
+    assert!(
+        problems.is_empty(),
+        "{SLURM_SCRIPT} disagrees with the binaries:\n{}",
+        report(&problems)
+    );
+}
+
+#[test]
+fn a_misspelt_env_name_is_reported_with_its_file_object_and_field() {
+    let files = k8s_files_with(
+        "coordinator-statefulset.yaml",
+        &[("name: FORGER_RESUME", "name: FORGER_RESUMES")],
+    );
+    let problems = k8s_problems(&files);
+    expect_problem(
+        &problems,
+        "deploy/k8s/coordinator-statefulset.yaml",
+        "StatefulSet/forger-coordinator",
+        "spec.template.spec.containers[coordinator].env[FORGER_RESUMES]",
+        "FORGER_RESUMES is not an environment variable of forger-coordinator",
+    );
+}
+
+#[test]
+fn a_service_port_other_than_the_one_workers_dial_is_reported() {
+    let files = k8s_files_with("coordinator-service.yaml", &[("port: 50051", "port: 50052")]);
+    let problems = k8s_problems(&files);
+    expect_problem(
+        &problems,
+        "deploy/k8s/workers-job.yaml",
+        "Job/forger-workers",
+        "spec.template.spec.containers[worker].env[FORGER_COORDINATOR]",
+        "dials port 50051, but Service/forger-coordinator serves port 50052",
+    );
+}
+
+#[test]
+fn a_listen_port_that_the_service_and_container_do_not_forward_is_reported() {
+    let files = k8s_files_with(
+        "coordinator-statefulset.yaml",
+        &[("value: \"0.0.0.0:50051\"", "value: \"0.0.0.0:50052\"")],
+    );
+    let problems = k8s_problems(&files);
+    expect_problem(
+        &problems,
+        "deploy/k8s/coordinator-service.yaml",
+        "Service/forger-coordinator",
+        "spec.ports[grpc].targetPort",
+        "forwards to port 50051, but the coordinator listens on 50052",
+    );
+    expect_problem(
+        &problems,
+        "deploy/k8s/coordinator-statefulset.yaml",
+        "StatefulSet/forger-coordinator",
+        "spec.template.spec.containers[coordinator].ports",
+        "listens on port 50052",
+    );
+}
+
+#[test]
+fn a_spec_asking_for_other_than_the_deployed_workers_is_reported() {
+    let files = k8s_files_with(
+        "workers-job.yaml",
+        &[
+            ("completions: 2", "completions: 3"),
+            ("parallelism: 2", "parallelism: 3"),
+        ],
+    );
+    let problems = k8s_problems(&files);
+    expect_problem(
+        &problems,
+        "deploy/k8s/spec-configmap.yaml",
+        "ConfigMap/forger-spec",
+        "data.spec.toml",
+        "cluster.workers = 2 but 3 worker(s) are deployed",
+    );
+}
+
+#[test]
+fn a_run_directory_on_a_read_only_mount_is_reported() {
+    let files = k8s_files_with(
+        "coordinator-statefulset.yaml",
+        &[(
+            "mountPath: /var/lib/forger\n",
+            "mountPath: /var/lib/forger\n              readOnly: true\n",
+        )],
+    );
+    let problems = k8s_problems(&files);
+    expect_problem(
+        &problems,
+        "deploy/k8s/coordinator-statefulset.yaml",
+        "StatefulSet/forger-coordinator",
+        "spec.template.spec.containers[coordinator].volumeMounts[run]",
+        "mounted read-only",
+    );
+}
+
+#[test]
+fn a_misspelt_flag_in_the_slurm_script_is_reported() {
+    let text = std::fs::read_to_string(repo_root().join(SLURM_SCRIPT)).expect("read the Slurm script");
+    assert!(text.contains("--patience-secs"));
+    let found = slurm_invocations(&text.replacen("--patience-secs", "--patience", 1));
+    let problems = script_problems(&found);
+    let hit = problems
+        .iter()
+        .find(|p| p.message.starts_with("--patience is not a flag of forger-worker"))
+        .unwrap_or_else(|| panic!("expected --patience to be reported, found:\n{}", report(&problems)));
+    assert_eq!(hit.at.file, SLURM_SCRIPT);
+    assert!(hit.at.object.starts_with("forger-worker at line "), "{hit}");
+    assert_eq!(hit.at.field, "args");
+}
