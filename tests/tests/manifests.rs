@@ -188,7 +188,7 @@ fn a_listen_port_that_the_service_and_container_do_not_forward_is_reported() {
 }
 
 #[test]
-fn a_spec_asking_for_other_than_the_deployed_workers_is_reported() {
+fn a_spec_asking_for_other_than_the_deployed_replicas_is_reported() {
     let files = k8s_files_with(
         "workers-job.yaml",
         &[
@@ -202,7 +202,17 @@ fn a_spec_asking_for_other_than_the_deployed_workers_is_reported() {
         "deploy/k8s/spec-configmap.yaml",
         "ConfigMap/forger-spec",
         "data.spec.toml",
-        "cluster.workers = 2 but 3 worker(s) are deployed",
+        "cluster.workers = 8 but 12 replica(s) are deployed (Job/forger-workers: 3 process(es) x 4 replica(s))",
+    );
+    // Fewer GPUs per pod is fewer replicas, just as fewer pods is.
+    let files = k8s_files_with("workers-job.yaml", &[("nvidia.com/gpu: 4", "nvidia.com/gpu: 2")]);
+    let problems = k8s_problems(&files);
+    expect_problem(
+        &problems,
+        "deploy/k8s/spec-configmap.yaml",
+        "ConfigMap/forger-spec",
+        "data.spec.toml",
+        "cluster.workers = 8 but 4 replica(s)",
     );
 }
 

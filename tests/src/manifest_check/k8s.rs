@@ -12,8 +12,8 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::manifest_check::cli::Cli;
 use crate::manifest_check::{
-    Binary, Container, Endpoint, Location, Mount, Port, Problem, TargetPort, check_container, check_endpoints,
-    check_listen, check_spec,
+    Binary, Container, Deployed, Endpoint, Location, Mount, Port, Problem, TargetPort, check_container,
+    check_endpoints, check_listen, check_spec,
 };
 
 /// One object of a manifest file.
@@ -224,6 +224,11 @@ pub fn containers(object: &Object) -> (Vec<Container>, Vec<Problem>) {
                 };
                 container.env.insert(name.to_string(), value);
             }
+            container.gpus = match &entry["resources"]["limits"]["nvidia.com/gpu"] {
+                Yaml::Integer(n) => u32::try_from(*n).ok(),
+                Yaml::String(n) => n.parse().ok(),
+                _ => None,
+            };
             for port in list(&entry["ports"]) {
                 if let Some(number) = port["containerPort"].as_i64().and_then(|n| u16::try_from(n).ok()) {
                     container.ports.push(Port {
@@ -408,7 +413,7 @@ pub fn check(objects: &[Object], coordinator_cli: &Cli, worker_cli: &Cli) -> Vec
     let mut problems = Vec::new();
     let mut coordinators = Vec::new();
     let mut workers = Vec::new();
-    let mut deployed_workers = 0;
+    let mut deployed = Deployed::default();
     for object in objects {
         let (found, unreadable) = containers(object);
         problems.extend(unreadable);
@@ -440,7 +445,9 @@ pub fn check(objects: &[Object], coordinator_cli: &Cli, worker_cli: &Cli) -> Vec
                     coordinators.push((object, container));
                 }
                 Binary::Worker => {
-                    deployed_workers += pods;
+                    if let Err(problem) = deployed.add(&object.id(), pods, &container) {
+                        problems.push(problem);
+                    }
                     workers.push(container);
                 }
             }
@@ -480,7 +487,7 @@ pub fn check(objects: &[Object], coordinator_cli: &Cli, worker_cli: &Cli) -> Vec
         problems.extend(check_endpoints(coordinator, port, &endpoints, &workers));
     }
     match spec_text(objects, owner, coordinator) {
-        Ok((text, at)) => problems.extend(check_spec(&text, &at, deployed_workers)),
+        Ok((text, at)) => problems.extend(check_spec(&text, &at, &deployed)),
         Err(problem) => problems.push(problem),
     }
     problems

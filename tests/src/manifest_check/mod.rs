@@ -150,6 +150,9 @@ pub struct Container {
     pub args_field: String,
     pub ports: Vec<Port>,
     pub mounts: Vec<Mount>,
+    /// The GPUs the container is given, when the file says (a Kubernetes `nvidia.com/gpu`
+    /// limit): what `--devices all` will find.
+    pub gpus: Option<u32>,
 }
 
 /// A setting's value and where it was written.
@@ -170,6 +173,7 @@ impl Container {
             args_field: "args".into(),
             ports: Vec::new(),
             mounts: Vec::new(),
+            gpus: None,
         }
     }
 
@@ -466,17 +470,58 @@ pub fn check_mounts(container: &Container) -> Vec<Problem> {
     problems
 }
 
-/// The spec must parse as forger would read it, and ask for as many workers as are deployed:
-/// with more, the run waits for workers that never come; with fewer, the extra ones are
-/// turned away.
-pub fn check_spec(text: &str, at: &Location, deployed_workers: u32) -> Vec<Problem> {
+/// How many replicas one worker process runs: one per device of `--devices` /
+/// `FORGER_DEVICES` (`all`: one per GPU the container is given), else one. `cluster.workers`
+/// counts replicas, each of which takes a place (a shard) in the job.
+pub fn worker_replicas(worker: &Container) -> Result<u32, Problem> {
+    let Some(devices) = worker.setting("--devices", "FORGER_DEVICES") else {
+        return Ok(1);
+    };
+    if devices.value.trim() == "all" {
+        return match worker.gpus {
+            Some(gpus) if gpus >= 1 => Ok(gpus),
+            _ => Err(Problem::new(
+                devices.at,
+                "`all` devices, but the container is given no GPUs, so how many replicas it runs cannot be told",
+            )),
+        };
+    }
+    let count = devices.value.split(',').filter(|d| !d.trim().is_empty()).count();
+    Ok(u32::try_from(count).unwrap_or(u32::MAX).max(1))
+}
+
+/// The replicas a deployment runs, and how they add up (for a message).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deployed {
+    pub replicas: u32,
+    /// One entry per worker object: `Job/forger-workers: 2 pods x 4 replicas`.
+    pub parts: Vec<String>,
+}
+
+impl Deployed {
+    /// Counts `processes` copies of `worker`.
+    pub fn add(&mut self, object: &str, processes: u32, worker: &Container) -> Result<(), Problem> {
+        let replicas = worker_replicas(worker)?;
+        self.replicas += processes * replicas;
+        self.parts
+            .push(format!("{object}: {processes} process(es) x {replicas} replica(s)"));
+        Ok(())
+    }
+}
+
+/// The spec must parse as forger would read it, and ask for as many replicas as are deployed:
+/// with more, the run waits for replicas that never come; with fewer, a worker arriving when
+/// every place is taken is turned away.
+pub fn check_spec(text: &str, at: &Location, deployed: &Deployed) -> Vec<Problem> {
     match JobSpec::parse(text, &at.to_string()) {
         Err(e) => vec![Problem::new(at.clone(), format!("not a valid forger job spec: {e}"))],
-        Ok(spec) if spec.cluster.workers != deployed_workers => vec![Problem::new(
+        Ok(spec) if spec.cluster.workers != deployed.replicas => vec![Problem::new(
             at.clone(),
             format!(
-                "cluster.workers = {} but {deployed_workers} worker(s) are deployed",
-                spec.cluster.workers
+                "cluster.workers = {} but {} replica(s) are deployed ({})",
+                spec.cluster.workers,
+                deployed.replicas,
+                join(&deployed.parts)
             ),
         )],
         Ok(_) => Vec::new(),
@@ -535,6 +580,19 @@ mod tests {
         let (port, problems) = check_listen(&coordinator(&[], &[]));
         assert_eq!(port, None);
         assert!(problems[0].message.contains("default"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn a_worker_runs_a_replica_per_device() {
+        let mut w = Container::new(Location::new("f", "Job/w", "containers[w]"), Binary::Worker);
+        assert_eq!(worker_replicas(&w), Ok(1));
+        w.args = vec!["--devices".into(), "cuda:0,cuda:1,cuda:2".into()];
+        assert_eq!(worker_replicas(&w), Ok(3));
+        w.args = vec!["--devices".into(), "all".into()];
+        let err = worker_replicas(&w).unwrap_err();
+        assert_eq!(err.at.field, "containers[w].args");
+        w.gpus = Some(4);
+        assert_eq!(worker_replicas(&w), Ok(4));
     }
 
     #[test]
