@@ -217,6 +217,29 @@ fn a_spec_asking_for_other_than_the_deployed_replicas_is_reported() {
 }
 
 #[test]
+fn a_gpu_worker_on_the_plain_worker_image_is_reported() {
+    let files = k8s_files_with(
+        "workers-job.yaml",
+        &[("image: forger-worker:0.1.0-cuda", "image: forger-worker:0.1.0")],
+    );
+    expect_problem(
+        &k8s_problems(&files),
+        "deploy/k8s/workers-job.yaml",
+        "Job/forger-workers",
+        "spec.template.spec.containers[worker].image",
+        "forger-worker:0.1.0 is given GPUs but is not the worker's GPU variant",
+    );
+    let files = k8s_files_with("kustomization.yaml", &[("newTag: \"0.1.0-cuda\"", "newTag: \"0.1.0\"")]);
+    expect_problem(
+        &k8s_problems(&files),
+        "deploy/k8s/kustomization.yaml",
+        "Kustomization/kustomization",
+        "images[1].newTag",
+        "0.1.0 is not the worker's GPU variant",
+    );
+}
+
+#[test]
 fn a_run_directory_on_a_read_only_mount_is_reported() {
     let files = k8s_files_with(
         "coordinator-statefulset.yaml",

@@ -12,7 +12,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::manifest_check::cli::Cli;
 use crate::manifest_check::{
-    Binary, Container, Deployed, Endpoint, Location, Mount, Port, Problem, TargetPort, check_container,
+    Binary, Container, Deployed, Endpoint, GPU_TAG_SUFFIX, Location, Mount, Port, Problem, TargetPort, check_container,
     check_endpoints, check_listen, check_spec,
 };
 
@@ -191,6 +191,7 @@ pub fn containers(object: &Object) -> (Vec<Container>, Vec<Problem>) {
                 continue;
             };
             let mut container = Container::new(at.clone(), binary);
+            container.image = Some(image.to_string());
             let command = strings(&entry["command"]);
             if let Some(executable) = command.first() {
                 if Binary::named(executable) != Some(binary) {
@@ -524,6 +525,24 @@ pub fn check_kustomization(objects: &[Object], files: &[(String, String)]) -> Ve
             kustomization.at("resources"),
             format!("{extra} does not exist"),
         ));
+    }
+    // An `images:` entry retags what the manifests name, so it can undo the GPU variant.
+    let gpu_workers = objects
+        .iter()
+        .flat_map(|o| containers(o).0)
+        .any(|c| c.binary == Binary::Worker && c.gpus.is_some_and(|n| n >= 1));
+    for (i, image) in list(&kustomization.yaml["images"]).iter().enumerate() {
+        let (Some(name), Some(tag)) = (image["name"].as_str(), scalar(&image["newTag"])) else {
+            continue;
+        };
+        if gpu_workers && image_binary(name) == Some(Binary::Worker) && !tag.ends_with(GPU_TAG_SUFFIX) {
+            problems.push(Problem::new(
+                kustomization.at(&format!("images[{i}].newTag")),
+                format!(
+                    "{tag} is not the worker's GPU variant (ending in {GPU_TAG_SUFFIX}), but the workers are given GPUs"
+                ),
+            ));
+        }
     }
     problems
 }

@@ -142,6 +142,8 @@ pub struct Container {
     /// The container itself; its fields are named below this.
     pub at: Location,
     pub binary: Binary,
+    /// The image it runs, where the file names one.
+    pub image: Option<String>,
     /// Each variable's value; `None` when it is filled in elsewhere (Kubernetes' `valueFrom`).
     pub env: BTreeMap<String, Option<String>>,
     /// The arguments after the executable.
@@ -168,6 +170,7 @@ impl Container {
         Container {
             at,
             binary,
+            image: None,
             env: BTreeMap::new(),
             args: Vec::new(),
             args_field: "args".into(),
@@ -528,11 +531,44 @@ pub fn check_spec(text: &str, at: &Location, deployed: &Deployed) -> Vec<Problem
     }
 }
 
+/// The tag suffix of the worker image's GPU variant (`deploy/build-images.sh --cuda`).
+pub const GPU_TAG_SUFFIX: &str = "-cuda";
+
+/// A worker given GPUs must run the worker image's GPU variant: the plain image lacks the
+/// libraries libtorch opens only on a GPU, so libtorch would see none and the worker refuse
+/// its devices.
+pub fn check_gpu_image(container: &Container) -> Vec<Problem> {
+    let (Binary::Worker, Some(1..), Some(image)) = (container.binary, container.gpus, &container.image) else {
+        return Vec::new();
+    };
+    let tag = image
+        .split('@')
+        .next()
+        .unwrap_or(image)
+        .rsplit('/')
+        .next()
+        .unwrap_or(image);
+    if tag
+        .split_once(':')
+        .is_some_and(|(_, tag)| tag.ends_with(GPU_TAG_SUFFIX))
+    {
+        return Vec::new();
+    }
+    vec![Problem::new(
+        container.at.child("image"),
+        format!(
+            "{image} is given GPUs but is not the worker's GPU variant (a tag ending in {GPU_TAG_SUFFIX}, from \
+             deploy/build-images.sh --cuda)"
+        ),
+    )]
+}
+
 /// Every check that applies to a container on its own.
 pub fn check_container(container: &Container, cli: &Cli) -> Vec<Problem> {
     let mut problems = check_env_names(container, cli);
     problems.extend(check_flags(container, cli));
     problems.extend(check_mounts(container));
+    problems.extend(check_gpu_image(container));
     problems
 }
 
