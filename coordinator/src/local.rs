@@ -53,6 +53,9 @@ impl LocalCluster {
                 .arg(config.threads.to_string())
                 .arg("--device")
                 .arg(&config.device)
+                // A local worker belongs to this coordinator and ends with it: when a stopped
+                // run tells workers to wait for a resumed coordinator, it leaves instead.
+                .args(["--patience-secs", "0"])
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()

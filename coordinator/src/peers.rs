@@ -236,8 +236,10 @@ impl Peers {
     }
 
     /// Tells every worker to leave for good; one that is already gone is not an error here.
-    pub async fn dismiss_all(&mut self, reason: &str) {
-        let message = shutdown_message(reason, false);
+    /// `rejoin` tells them to keep dialing this address (within their patience), for a run
+    /// that may be resumed.
+    pub async fn dismiss_all(&mut self, reason: &str, rejoin: bool) {
+        let message = shutdown_message(reason, rejoin);
         for peer in &self.peers {
             let _ = tokio::time::timeout(Duration::from_secs(1), peer.deliver(message.clone())).await;
         }

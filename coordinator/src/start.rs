@@ -191,8 +191,9 @@ pub async fn serve(
     let result = match gathered {
         Ok(()) => trainer.run().await,
         Err(CoordinatorError::Interrupted { .. }) => {
+            // Like a stop mid-run: the workers wait for the coordinator to come back.
             trainer
-                .dismiss("the coordinator was stopped before training began")
+                .dismiss("the coordinator was stopped before training began; it may be resumed", true)
                 .await;
             Ok(RunSummary {
                 step: resumed_from,
@@ -201,7 +202,7 @@ pub async fn serve(
             })
         }
         Err(e) => {
-            trainer.dismiss(&format!("the run failed: {e}")).await;
+            trainer.dismiss(&format!("the run failed: {e}"), false).await;
             Err(e)
         }
     };

@@ -267,9 +267,10 @@ impl Trainer {
         self.settle().await
     }
 
-    /// Tells every connected worker to leave.
-    pub async fn dismiss(&mut self, reason: &str) {
-        self.peers.dismiss_all(reason).await;
+    /// Tells every connected worker to leave; `rejoin` asks them to wait for this
+    /// coordinator to come back.
+    pub async fn dismiss(&mut self, reason: &str, rejoin: bool) {
+        self.peers.dismiss_all(reason, rejoin).await;
     }
 
     /// Runs every remaining step, then checkpoints and dismisses the workers.
@@ -288,15 +289,18 @@ impl Trainer {
         });
         match &result {
             Ok(summary) => {
-                let (reason, event) = if summary.interrupted {
-                    ("the run was stopped", "stopped")
+                // A stopped run is checkpointed to be resumed, often by a supervisor that
+                // restarts the coordinator at once (compose, Kubernetes): its workers wait
+                // for it rather than leave, so nobody has to restart them on every node.
+                let (reason, event, rejoin) = if summary.interrupted {
+                    ("the run was stopped; it may be resumed at this address", "stopped", true)
                 } else {
-                    ("the run is complete", "finished")
+                    ("the run is complete", "finished", false)
                 };
                 let workers = self.peers.all().len();
                 self.history
                     .record(summary.step, event, serde_json::json!({ "workers_dismissed": workers }));
-                self.peers.dismiss_all(reason).await;
+                self.peers.dismiss_all(reason, rejoin).await;
             }
             Err(e) => {
                 // Keep what was computed: the state is that of the last completed step, and no
@@ -309,7 +313,7 @@ impl Trainer {
                 }
                 self.history
                     .record(self.state.step, "failed", serde_json::json!({ "error": e.to_string() }));
-                self.peers.dismiss_all(&format!("the run failed: {e}")).await;
+                self.peers.dismiss_all(&format!("the run failed: {e}"), false).await;
             }
         }
         result

@@ -4,6 +4,7 @@
 //! coordinator processes for fault tests, and the checks that hold the deployment files
 //! under `deploy/` to the binaries (`manifest_check`).
 
+pub mod compose;
 pub mod exchange;
 pub mod fake_worker;
 pub mod manifest_check;

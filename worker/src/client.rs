@@ -65,7 +65,7 @@ pub async fn run(config: WorkerConfig, leave: watch::Receiver<bool>) -> Result<(
         match session(&config, leave.clone()).await {
             Ok(Ended::Finished | Ended::ComputeStopped) => return Ok(()),
             Ok(Ended::Rejoin(reason)) => {
-                warn!(%reason, "evicted by the coordinator; joining again");
+                warn!(%reason, "the coordinator let this worker go; joining again");
                 lost_since = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
