@@ -1,18 +1,21 @@
 //! Holds deployment files to the binaries they start.
 //!
 //! A manifest can be wrong in ways nothing else notices: clap ignores an environment variable
-//! it does not know (`FORGER_DEVICE` for `FORGER_DEVICES` trains on one GPU and says nothing),
-//! a Service can forward a port the coordinator does not listen on, and a spec can ask for
-//! more workers than are deployed, so the run waits for ones that never come. These checks
-//! read what the files say and compare it with each binary's `--help` and with each other.
+//! it does not know (`FORGER_THREAD` for `FORGER_THREADS` leaves libtorch on every core and
+//! says nothing), a Service can forward a port the coordinator does not listen on, and a spec
+//! can ask for more replicas than are deployed, so the run waits for ones that never come.
+//! These checks read what the files say and compare it with each binary's `--help` and with
+//! each other.
 //!
 //! Every deployment format is reduced to the same [`Container`]: a binary, its environment,
 //! its arguments and its volume mounts. [`k8s`] reads Kubernetes manifests into containers,
 //! [`script`] finds the invocations in a shell script, and [`cli`] reads what a binary
-//! accepts; the checks here work on containers alone, so a docker-compose reader can reuse
-//! them. Each problem names the file, the object and the field to fix.
+//! accepts; the checks here and in `endpoints` (ports and addresses) work on containers
+//! alone, so a docker-compose reader can reuse them. Each problem names the file, the object
+//! and the field to fix.
 
 pub mod cli;
+mod endpoints;
 pub mod k8s;
 pub mod script;
 
@@ -22,6 +25,7 @@ use std::fmt;
 use forger_common::spec::JobSpec;
 
 use crate::manifest_check::cli::Cli;
+pub use crate::manifest_check::endpoints::{Endpoint, TargetPort, check_endpoints, check_listen};
 
 /// Where in a deployment file a value lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,159 +289,6 @@ pub fn check_flags(container: &Container, cli: &Cli) -> Vec<Problem> {
     problems
 }
 
-/// The port the coordinator listens on (when it can be read), which must be reachable from
-/// other hosts and be a port the container declares (when it declares any). The port comes
-/// back with the problems so the endpoints can still be held to it.
-pub fn check_listen(coordinator: &Container) -> (Option<u16>, Vec<Problem>) {
-    let unread = |at: Location, message: String| (None, vec![Problem::new(at, message)]);
-    let Some(listen) = coordinator.setting("--listen", "FORGER_LISTEN") else {
-        return unread(
-            coordinator.env_at("FORGER_LISTEN"),
-            "not set: the coordinator would listen on its default 127.0.0.1:50051, which no other host can reach"
-                .into(),
-        );
-    };
-    let Some((host, port)) = listen.value.rsplit_once(':') else {
-        return unread(listen.at, format!("`{}` is not HOST:PORT", listen.value));
-    };
-    let Ok(port) = port.parse::<u16>() else {
-        return unread(listen.at, format!("`{}` has no valid port", listen.value));
-    };
-    let mut problems = Vec::new();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host == "localhost" || host == "::1" || host.starts_with("127.") {
-        problems.push(Problem::new(
-            listen.at.clone(),
-            format!(
-                "`{}` is a loopback address: workers on other hosts cannot reach it",
-                listen.value
-            ),
-        ));
-    }
-    if !coordinator.ports.is_empty() && !coordinator.ports.iter().any(|p| p.number == port) {
-        problems.push(Problem::new(
-            coordinator.at.child("ports"),
-            format!(
-                "the coordinator listens on port {port} ({}) but the container declares {}",
-                listen.at.field,
-                join(coordinator.ports.iter().map(|p| p.number.to_string()))
-            ),
-        ));
-    }
-    (Some(port), problems)
-}
-
-/// How a name workers dial reaches the coordinator: a Kubernetes Service port, or a compose
-/// service name on the coordinator's own port.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub at: Location,
-    /// The host name workers put in their coordinator URL.
-    pub host: String,
-    /// The port workers dial.
-    pub port: u16,
-    /// The coordinator container's port it forwards to.
-    pub target: TargetPort,
-}
-
-/// A Service's `targetPort`: a number, or the name of one of the container's ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TargetPort {
-    Number(u16),
-    Name(String),
-}
-
-/// The endpoints must forward to the port the coordinator listens on, and every worker's
-/// coordinator URL must be `http://HOST:PORT` naming one of them.
-pub fn check_endpoints(
-    coordinator: &Container,
-    listen_port: u16,
-    endpoints: &[Endpoint],
-    workers: &[Container],
-) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    for endpoint in endpoints {
-        let target = match &endpoint.target {
-            TargetPort::Number(n) => Some(*n),
-            TargetPort::Name(name) => coordinator
-                .ports
-                .iter()
-                .find(|p| p.name.as_deref() == Some(name))
-                .map(|p| p.number),
-        };
-        match target {
-            None => problems.push(Problem::new(
-                endpoint.at.clone(),
-                format!(
-                    "forwards to {:?}, which is no port of the coordinator container ({})",
-                    endpoint.target, coordinator.at
-                ),
-            )),
-            Some(target) if target != listen_port => problems.push(Problem::new(
-                endpoint.at.clone(),
-                format!("forwards to port {target}, but the coordinator listens on {listen_port}"),
-            )),
-            Some(_) => {}
-        }
-    }
-    for worker in workers {
-        let Some(url) = worker.setting("--coordinator", "FORGER_COORDINATOR") else {
-            problems.push(Problem::new(
-                worker.env_at("FORGER_COORDINATOR"),
-                "not set: the worker has no coordinator to dial",
-            ));
-            continue;
-        };
-        let Some(address) = url.value.strip_prefix("http://") else {
-            problems.push(Problem::new(
-                url.at,
-                format!(
-                    "`{}` must start with http:// (the worker dials plain HTTP/2)",
-                    url.value
-                ),
-            ));
-            continue;
-        };
-        let address = address.trim_end_matches('/');
-        let Some((host, port)) = address
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        else {
-            problems.push(Problem::new(
-                url.at,
-                format!("`{}` names no port (http://HOST:PORT)", url.value),
-            ));
-            continue;
-        };
-        // A Service is also reachable by its longer names (forger-coordinator.ns.svc...).
-        let serving: Vec<&Endpoint> = endpoints
-            .iter()
-            .filter(|e| host == e.host || host.strip_prefix(e.host.as_str()).is_some_and(|r| r.starts_with('.')))
-            .collect();
-        if serving.is_empty() {
-            problems.push(Problem::new(
-                url.at,
-                format!(
-                    "`{}` dials host {host}, but the coordinator is reached as {}",
-                    url.value,
-                    join(endpoints.iter().map(|e| format!("{} ({})", e.host, e.at.object)))
-                ),
-            ));
-        } else if !serving.iter().any(|e| e.port == port) {
-            problems.push(Problem::new(
-                url.at,
-                format!(
-                    "`{}` dials port {port}, but {} serves port {}",
-                    url.value,
-                    serving[0].at.object,
-                    join(serving.iter().map(|e| e.port.to_string()))
-                ),
-            ));
-        }
-    }
-    problems
-}
-
 /// The spec, run directory and dataset the coordinator is told to use must each be on a
 /// mounted volume (a path inside the image is lost with the container), and the run
 /// directory's must be writable.
@@ -604,18 +455,6 @@ mod tests {
         let c = coordinator(&[("FORGER_LISTEN", "0.0.0.0:1")], &[]);
         let setting = c.setting("--listen", "FORGER_LISTEN").unwrap();
         assert_eq!(setting.at.field, "containers[c].env[FORGER_LISTEN]");
-    }
-
-    #[test]
-    fn a_loopback_or_missing_listen_address_is_refused() {
-        let (port, problems) = check_listen(&coordinator(&[("FORGER_LISTEN", "0.0.0.0:7")], &[]));
-        assert_eq!((port, problems), (Some(7), vec![]));
-        let (port, problems) = check_listen(&coordinator(&[("FORGER_LISTEN", "127.0.0.1:7")], &[]));
-        assert_eq!(port, Some(7));
-        assert!(problems[0].message.contains("loopback"), "{}", problems[0]);
-        let (port, problems) = check_listen(&coordinator(&[], &[]));
-        assert_eq!(port, None);
-        assert!(problems[0].message.contains("default"), "{}", problems[0]);
     }
 
     #[test]
