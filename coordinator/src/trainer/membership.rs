@@ -218,7 +218,9 @@ impl Trainer {
             .iter()
             .map(|p| p.assigning.clone().unwrap_or_else(|| p.shards.clone()))
             .collect();
-        let next = rebalance(&current, self.shards());
+        // Every worker runs one replica, until Join says otherwise.
+        let replicas = vec![1; current.len()];
+        let next = rebalance(&current, &replicas, self.shards());
         let deadline = Instant::now() + Duration::from_secs(self.spec.cluster.step_timeout_secs);
         let mut awaiting: Vec<(u64, Vec<u32>)> = Vec::new();
         for (&worker, shards) in ids.iter().zip(next) {
