@@ -150,6 +150,11 @@ impl Peers {
         &mut self.peers
     }
 
+    /// The replicas of every connected worker: what `cluster.workers` and `min_workers` count.
+    pub fn replicas(&self) -> usize {
+        self.peers.iter().map(|p| p.info.replicas as usize).sum()
+    }
+
     /// Workers taking part in training (holding shards), in rank order.
     pub fn training(&self) -> impl Iterator<Item = &Peer> {
         self.peers.iter().filter(|p| p.trains())
@@ -330,7 +335,13 @@ impl Peers {
     fn absorb(&mut self, event: Inbound, step: u64, phase: &'static str) -> Result<Option<Event>> {
         match event {
             Inbound::Connected { worker, outbound, data } => {
-                info!(worker = worker.id, rank = worker.rank, host = %worker.host, "worker connected");
+                info!(
+                    worker = worker.id,
+                    rank = worker.rank,
+                    host = %worker.host,
+                    replicas = worker.replicas,
+                    "worker connected"
+                );
                 self.peers.push(Peer {
                     info: worker,
                     outbound,

@@ -12,6 +12,11 @@
 //! The last part of each chunk (in shard order) is not added here but handed to a [`Finish`],
 //! so the trainer can fold it into the same pass as RMSProp (`forger_common::chunk_update`);
 //! [`KeepMean`] just adds it, leaving the mean in the buffer.
+//!
+//! A part is one upload: one shard's gradient, or a group's, from a worker with several
+//! replicas that summed its shards' gradients itself (their sample-weighted mean, in shard
+//! order). A group weighs its samples' share of the phase and takes its turn at its first
+//! shard; each of its shards' batch-norm statistics still counts on its own.
 
 use std::ops::Range;
 
@@ -46,6 +51,12 @@ pub enum ChunkError {
         bn: usize,
         expected_bn: usize,
     },
+    /// A group's first chunk lists other shards (or samples, or statistics) than its part
+    /// covers, or a chunk names a group where none belongs.
+    Group {
+        expected: Vec<(u32, u32)>,
+        found: Vec<(u32, u32)>,
+    },
 }
 
 impl std::fmt::Display for ChunkError {
@@ -72,6 +83,19 @@ impl std::fmt::Display for ChunkError {
                 f,
                 "final chunk has {samples} samples and {bn} batch-norm values \
                  (expected {expected_samples} and {expected_bn})"
+            ),
+            ChunkError::Group { expected, found } if expected.is_empty() => write!(
+                f,
+                "chunk names the group (shard, samples) {found:?}, which only a group's first chunk lists"
+            ),
+            ChunkError::Group { expected, found } if expected.len() == 1 => write!(
+                f,
+                "chunk names the group (shard, samples) {found:?}, but this upload is one shard's gradient"
+            ),
+            ChunkError::Group { expected, found } => write!(
+                f,
+                "group gradient covers (shard, samples) {found:?} (with batch-norm statistics of the wrong \
+                 length, if equal), expected {expected:?}: the shards this worker holds that the phase averages"
             ),
         }
     }
@@ -104,17 +128,55 @@ impl Finish for KeepMean {
     }
 }
 
-/// One shard's part of the phase.
+/// One shard of a group's first chunk, as the worker described it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupShard {
+    pub shard: u32,
+    pub samples: u32,
+    pub bn_stats: Vec<f32>,
+    /// The worker found a value in this shard's gradient that is not finite.
+    pub non_finite: bool,
+}
+
+/// One chunk of an upload, as it arrived.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The shard of a one-shard upload, or a group's first shard.
+    pub shard: u32,
+    pub offset: usize,
+    pub bytes: Bytes,
+    pub last: bool,
+    /// With the final chunk: the upload's samples and (one shard's) batch-norm statistics.
+    pub samples: u32,
+    pub bn_stats: Vec<f32>,
+    /// With a group's first chunk: every shard it covers, in shard order.
+    pub group: Vec<GroupShard>,
+}
+
+/// One upload's part of the phase: one shard, or a worker's group of shards.
 #[derive(Debug)]
 struct Part {
-    shard: u32,
+    /// The shards it covers, in shard order, with their samples.
+    shards: Vec<(u32, u32)>,
+    /// Their total.
     samples: u32,
     weight: f32,
     /// Chunks received so far (they arrive in order).
     received: usize,
     /// Chunks received before their turn in the sum, by chunk index.
     early: Vec<Option<Bytes>>,
-    bn_stats: Option<Vec<f32>>,
+    /// Each shard's batch-norm statistics, once they arrived.
+    bn_stats: Vec<Option<Vec<f32>>>,
+}
+
+impl Part {
+    fn first_shard(&self) -> u32 {
+        self.shards[0].0
+    }
+
+    fn is_group(&self) -> bool {
+        self.shards.len() > 1
+    }
 }
 
 /// The sample-weighted mean of one network's gradient over a phase's shards.
@@ -146,21 +208,34 @@ impl StreamingMean {
         }
     }
 
-    /// Starts a phase averaging `shards` (shard, samples) in the order given, keeping the
-    /// buffer.
+    /// Starts a phase averaging `shards` (shard, samples), one upload each, in the order given,
+    /// keeping the buffer.
     pub fn begin(&mut self, shards: &[(u32, u32)]) {
-        let total: u64 = shards.iter().map(|&(_, n)| u64::from(n)).sum();
+        let parts: Vec<Vec<(u32, u32)>> = shards.iter().map(|&s| vec![s]).collect();
+        self.begin_parts(&parts);
+    }
+
+    /// Starts a phase whose uploads each cover the shards (shard, samples) of one entry of
+    /// `parts`: one shard, or a group in shard order. Parts are summed in the order given,
+    /// which is the order of their first shards.
+    pub fn begin_parts(&mut self, parts: &[Vec<(u32, u32)>]) {
+        let total: u64 = parts.iter().flatten().map(|&(_, n)| u64::from(n)).sum();
         let chunks = self.summed.len();
-        self.parts = shards
+        self.parts = parts
             .iter()
-            .map(|&(shard, samples)| Part {
-                shard,
-                samples,
-                // As `weighted_average` weighs, so the bits agree.
-                weight: (f64::from(samples) / total.max(1) as f64) as f32,
-                received: 0,
-                early: vec![None; chunks],
-                bn_stats: None,
+            .map(|shards| {
+                assert!(!shards.is_empty(), "a part covers at least one shard");
+                let samples: u32 = shards.iter().map(|&(_, n)| n).sum();
+                Part {
+                    shards: shards.clone(),
+                    samples,
+                    // As `weighted_average` weighs, so the bits agree for one-shard parts; a
+                    // group's share is its samples' share, which is the sum of its shards'.
+                    weight: (f64::from(samples) / total.max(1) as f64) as f32,
+                    received: 0,
+                    early: vec![None; chunks],
+                    bn_stats: vec![None; shards.len()],
+                }
             })
             .collect();
         // The sum's chunks are zeroed as their first part arrives (`add`).
@@ -181,10 +256,18 @@ impl StreamingMean {
         self.complete == self.chunks()
     }
 
-    /// The shards still sending, in shard order.
+    /// The uploads still sending, by their (first) shard, in shard order.
     pub fn unfinished(&self) -> impl Iterator<Item = u32> + '_ {
         let chunks = self.chunks();
-        self.parts.iter().filter(move |p| p.received < chunks).map(|p| p.shard)
+        self.parts
+            .iter()
+            .filter(move |p| p.received < chunks)
+            .map(Part::first_shard)
+    }
+
+    /// How many uploads the phase takes in.
+    pub fn parts(&self) -> usize {
+        self.parts.len()
     }
 
     /// The element range of chunk `c`.
@@ -205,10 +288,7 @@ impl StreamingMean {
         std::mem::swap(&mut self.sum, other);
     }
 
-    /// Takes one chunk of `shard`'s upload, encoded as the job's `gradient_compression` says;
-    /// each chunk whose last part it completes goes to `finish`, in chunk order. Chunks of a
-    /// shard must arrive in order, cut at `CHUNK_VALUES`, the final one flagged and carrying
-    /// the samples and batch-norm statistics.
+    /// Takes one chunk of `shard`'s one-shard upload: [`StreamingMean::take`] without a group.
     pub fn accept(
         &mut self,
         shard: u32,
@@ -218,11 +298,40 @@ impl StreamingMean {
         final_part: (u32, Vec<f32>),
         finish: &mut impl Finish,
     ) -> Result<Taken, ChunkError> {
+        let (samples, bn_stats) = final_part;
+        let chunk = Chunk {
+            shard,
+            offset,
+            bytes,
+            last,
+            samples,
+            bn_stats,
+            group: Vec::new(),
+        };
+        self.take(chunk, finish)
+    }
+
+    /// Takes one chunk of an upload, encoded as the job's `gradient_compression` says; each
+    /// chunk whose last part it completes goes to `finish`, in chunk order. Chunks of an upload
+    /// must arrive in order, cut at `CHUNK_VALUES`, the final one flagged and carrying the
+    /// samples and, for one shard, its batch-norm statistics. A group's first chunk lists its
+    /// shards, exactly those of its part, with their samples and statistics.
+    pub fn take(&mut self, chunk: Chunk, finish: &mut impl Finish) -> Result<Taken, ChunkError> {
+        let Chunk {
+            shard,
+            offset,
+            bytes,
+            last,
+            samples,
+            bn_stats,
+            group,
+        } = chunk;
         let chunks = self.chunks();
+        let bn_len = self.bn_len;
         let position = self
             .parts
             .iter()
-            .position(|p| p.shard == shard)
+            .position(|p| p.first_shard() == shard)
             .ok_or(ChunkError::NotAveraged)?;
         let part = &mut self.parts[position];
         let c = part.received;
@@ -251,20 +360,39 @@ impl StreamingMean {
         if last != (c + 1 == chunks) {
             return Err(ChunkError::LastFlag { chunk: c, chunks });
         }
+        let listed: Vec<(u32, u32)> = group.iter().map(|g| (g.shard, g.samples)).collect();
+        let group_expected = c == 0 && part.is_group();
+        if (group_expected && (listed != part.shards || group.iter().any(|g| g.bn_stats.len() != bn_len)))
+            || (!group_expected && !group.is_empty())
+        {
+            return Err(ChunkError::Group {
+                expected: if c == 0 { part.shards.clone() } else { Vec::new() },
+                found: listed,
+            });
+        }
+        for (i, g) in group.into_iter().enumerate() {
+            if g.non_finite || !g.bn_stats.iter().all(|v| v.is_finite()) {
+                return Ok(Taken::NonFinite { shard: g.shard });
+            }
+            part.bn_stats[i] = Some(g.bn_stats);
+        }
         if last {
-            let (samples, bn) = final_part;
-            if samples != part.samples || bn.len() != self.bn_len {
+            // A group's statistics came per shard with its first chunk.
+            let expected_bn = if part.is_group() { 0 } else { bn_len };
+            if samples != part.samples || bn_stats.len() != expected_bn {
                 return Err(ChunkError::FinalChunk {
                     samples,
                     expected_samples: part.samples,
-                    bn: bn.len(),
-                    expected_bn: self.bn_len,
+                    bn: bn_stats.len(),
+                    expected_bn,
                 });
             }
-            if !bn.iter().all(|v| v.is_finite()) {
-                return Ok(Taken::NonFinite { shard });
+            if !part.is_group() {
+                if !bn_stats.iter().all(|v| v.is_finite()) {
+                    return Ok(Taken::NonFinite { shard });
+                }
+                part.bn_stats[0] = Some(bn_stats);
             }
-            part.bn_stats = Some(bn);
         }
         part.received += 1;
         if self.summed[c] != position {
@@ -279,7 +407,7 @@ impl StreamingMean {
             let next_position = self.summed[c];
             if !self.add(next_position, c, &next, finish) {
                 return Ok(Taken::NonFinite {
-                    shard: self.parts[next_position].shard,
+                    shard: self.parts[next_position].first_shard(),
                 });
             }
         }
@@ -309,14 +437,22 @@ impl StreamingMean {
         finite
     }
 
-    /// The sample-weighted mean of the parts' batch-norm statistics, in shard order; call once
-    /// every chunk is complete.
+    /// The sample-weighted mean of every shard's batch-norm statistics, in shard order (a
+    /// group's shards count one by one, so grouping does not change it); call once every chunk
+    /// is complete.
     pub fn bn_mean(&self) -> Vec<f32> {
-        let stats: Vec<(&[f32], u32)> = self
+        let mut by_shard: Vec<(u32, &[f32], u32)> = self
             .parts
             .iter()
-            .map(|p| (p.bn_stats.as_deref().unwrap_or(&[]), p.samples))
+            .flat_map(|p| {
+                p.shards
+                    .iter()
+                    .zip(&p.bn_stats)
+                    .map(|(&(shard, samples), stats)| (shard, stats.as_deref().unwrap_or(&[]), samples))
+            })
             .collect();
+        by_shard.sort_by_key(|&(shard, _, _)| shard);
+        let stats: Vec<(&[f32], u32)> = by_shard.iter().map(|&(_, stats, n)| (stats, n)).collect();
         let mut mean = vec![0.0; self.bn_len];
         weighted_average(&stats, &mut mean);
         mean

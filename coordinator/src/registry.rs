@@ -21,6 +21,9 @@ pub struct WorkerInfo {
     pub host: String,
     pub device: String,
     pub threads: u32,
+    /// Replicas it runs (at least 1): each takes a place in the job and computes a shard at a
+    /// time.
+    pub replicas: u32,
 }
 
 /// What the service needs to answer Join and FetchShard.
@@ -28,6 +31,7 @@ pub struct WorkerInfo {
 pub struct Job {
     pub spec_toml: String,
     pub fingerprint: u64,
+    /// Places in the job: one per shard (`cluster.workers`); each replica takes one.
     pub expected_workers: usize,
     pub dataset: Arc<PreparedDataset>,
     pub shards: Vec<Vec<u32>>,
@@ -130,28 +134,44 @@ impl Registry {
         self.lock().job.clone()
     }
 
-    /// Admits a worker into the lowest free rank, or refuses when every rank is taken.
-    pub fn join(&self, host: String, device: String, threads: u32) -> Result<(WorkerInfo, SessionToken)> {
+    /// Admits a worker of `replicas` replicas (0 counts as 1) into the lowest free rank while
+    /// the job has a free place, or refuses. The job has a place per shard and each replica
+    /// takes one; a worker with more replicas than places left still joins (its shards are
+    /// shared in proportion to replicas, so the others give some up).
+    pub fn join(
+        &self,
+        host: String,
+        device: String,
+        threads: u32,
+        replicas: u32,
+    ) -> Result<(WorkerInfo, SessionToken)> {
         let token = SessionToken::random()?;
         let mut inner = self.lock();
         let expected = inner.job.expected_workers;
         inner
             .workers
             .retain(|e| e.connected || e.joined_at.elapsed() < RECLAIM_AFTER);
-        let taken: Vec<u32> = inner.workers.iter().map(|e| e.info.rank).collect();
-        let Some(rank) = (0..expected as u32).find(|r| !taken.contains(r)) else {
+        let places_taken: usize = inner.workers.iter().map(|e| e.info.replicas as usize).sum();
+        if places_taken >= expected {
             return Err(CoordinatorError::ClusterFull(format!(
-                "the cluster is full: the job has places for {expected} workers and all are taken (a lost worker's \
-                 place frees when it is evicted; one that never opened its session, {} s after it joined)",
+                "the cluster is full: the job has places for {expected} replicas (cluster.workers) and all are taken \
+                 (a lost worker's places free when it is evicted; one that never opened its session, {} s after it \
+                 joined)",
                 RECLAIM_AFTER.as_secs()
             )));
-        };
+        }
+        // Each worker takes at least one place, so fewer workers than places hold ranks.
+        let ranks: Vec<u32> = inner.workers.iter().map(|e| e.info.rank).collect();
+        let rank = (0..expected as u32)
+            .find(|r| !ranks.contains(r))
+            .expect("fewer workers than places");
         let info = WorkerInfo {
             id: inner.next_id,
             rank,
             host,
             device,
             threads,
+            replicas: replicas.max(1),
         };
         inner.next_id += 1;
         inner.workers.push(Entry {

@@ -155,6 +155,11 @@ pub struct StepRecord {
     pub dropped: u32,
     /// No shard gave finite losses, so nothing was trained.
     pub skipped: bool,
+    /// Gradient uploads the step's updates summed, over its trained networks: one per shard
+    /// from a worker with one replica, one per worker from a worker with several (their local
+    /// sum). Older lines lack it.
+    #[serde(default)]
+    pub contributions: u32,
 }
 
 /// The cluster's history, one JSON object per line: joins, evictions, pauses, resumes. It is
@@ -278,6 +283,7 @@ mod tests {
             attempts: 1,
             dropped: 0,
             skipped: false,
+            contributions: 2,
         }
     }
 

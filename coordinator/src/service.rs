@@ -76,8 +76,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             )));
         }
         let host = if req.host.is_empty() { peer } else { req.host };
-        let (worker, token) = self.registry.join(host, req.device, req.threads)?;
-        info!(worker = worker.id, rank = worker.rank, host = %worker.host, device = %worker.device, "worker joined");
+        let (worker, token) = self.registry.join(host, req.device, req.threads, req.replicas)?;
+        info!(
+            worker = worker.id,
+            rank = worker.rank,
+            host = %worker.host,
+            device = %worker.device,
+            replicas = worker.replicas,
+            "worker joined"
+        );
         let job = self.registry.job();
         Ok(Response::new(pb::JoinReply {
             worker_id: worker.id,

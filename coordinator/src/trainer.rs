@@ -5,9 +5,9 @@
 //! 1. EVALUATE: every shard gets its batch (sent to the worker holding it); workers report
 //!    each shard's loss sums on the current parameters.
 //! 2. The mean losses decide the plan (`decide_balance`), sent to every worker.
-//! 3. DISCRIMINATOR (if planned): workers upload one D gradient per shard; the trainer
-//!    averages them in shard order, applies RMSProp and the batch-norm running averages, and
-//!    broadcasts D.
+//! 3. DISCRIMINATOR (if planned): workers upload one D gradient per shard (a worker with
+//!    several replicas one for all its shards, summed locally); the trainer averages them in
+//!    shard order, applies RMSProp and the batch-norm running averages, and broadcasts D.
 //! 4. GENERATOR (if planned): the same for G, whose gradients went through the updated D.
 //!
 //! Between steps the cluster may change ([`membership`]). A worker lost inside a step is
@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::error::{CoordinatorError, Result};
 use crate::peers::Peers;
-use crate::reduce::{Finish, StreamingMean, Taken, chunk_count, chunk_range};
+use crate::reduce::{self, Finish, StreamingMean, Taken, chunk_count, chunk_range};
 use crate::run_dir::{EventLog, MetricsLog, RunDir, StepRecord};
 
 mod membership;
@@ -132,6 +132,29 @@ impl Finish for ApplyRmsProp<'_> {
                 true
             }
             None => false,
+        }
+    }
+}
+
+impl From<pb::GradientChunk> for reduce::Chunk {
+    fn from(chunk: pb::GradientChunk) -> Self {
+        reduce::Chunk {
+            shard: chunk.shard,
+            offset: chunk.offset as usize,
+            bytes: chunk.values,
+            last: chunk.last,
+            samples: chunk.samples,
+            bn_stats: chunk.bn_batch_stats,
+            group: chunk
+                .group
+                .into_iter()
+                .map(|g| reduce::GroupShard {
+                    shard: g.shard,
+                    samples: g.samples,
+                    bn_stats: g.bn_batch_stats,
+                    non_finite: g.non_finite,
+                })
+                .collect(),
         }
     }
 }
@@ -293,7 +316,11 @@ impl Trainer {
                 // restarts the coordinator at once (compose, Kubernetes): its workers wait
                 // for it rather than leave, so nobody has to restart them on every node.
                 let (reason, event, rejoin) = if summary.interrupted {
-                    ("the run was stopped; it may be resumed at this address", "stopped", true)
+                    (
+                        "the run was stopped; it may be resumed at this address",
+                        "stopped",
+                        true,
+                    )
                 } else {
                     ("the run is complete", "finished", false)
                 };
@@ -449,14 +476,25 @@ impl Trainer {
         result
     }
 
-    /// The most shards any training worker holds (it computes them one after another).
+    /// The most shards any training replica computes one after another: a worker's shards
+    /// are shared out among its replicas.
     fn most_shards(&self) -> u32 {
-        self.peers.training().map(|p| p.shards.len()).max().unwrap_or(1).max(1) as u32
+        self.peers
+            .training()
+            .map(|p| p.shards.len().div_ceil(p.info.replicas.max(1) as usize))
+            .max()
+            .unwrap_or(1)
+            .max(1) as u32
     }
 
-    /// The deadline of a phase starting now: `step_timeout_secs` per shard, or sooner once
-    /// the run has shown how long a phase takes: `stall_factor` times the slowest phase so far
-    /// (per shard, at least `STALL_FLOOR`). A live worker whose computation is stuck still sends
+    /// How many replicas a worker runs (1 for one that is gone).
+    fn replicas_of(&self, worker: u64) -> u32 {
+        self.peers.get(worker).map_or(1, |p| p.info.replicas)
+    }
+
+    /// The deadline of a phase starting now: `step_timeout_secs` per shard a replica computes,
+    /// or sooner once the run has shown how long a phase takes: `stall_factor` times the
+    /// slowest phase so far (per shard, at least `STALL_FLOOR`). A live worker whose computation is stuck still sends
     /// heartbeats; this is what catches it.
     fn phase_deadline(&self) -> Instant {
         let most = self.most_shards();
@@ -552,6 +590,7 @@ impl Trainer {
                 attempt,
                 train_d: false,
                 train_g: false,
+                ..pb::Plan::default()
             }));
             self.peers.send_all(&all_ids, &[plan], deadline, step, "plan").await?;
             self.finish_step(step);
@@ -569,21 +608,13 @@ impl Trainer {
                 attempts: attempt,
                 dropped: dropped_at_evaluation,
                 skipped: true,
+                contributions: 0,
             });
         }
         self.skipped_in_a_row = 0;
         let loss_d = 0.5 * (evaluation.loss_d_real + evaluation.loss_d_fake);
         let plan = decide_balance(loss_d, evaluation.loss_g, self.spec.train.balance);
         let StepPlan { train_d, train_g } = plan;
-        let message = pb::CoordinatorMessage::of(Out::Plan(pb::Plan {
-            step,
-            attempt,
-            train_d,
-            train_g,
-        }));
-        self.peers
-            .send_all(&all_ids, &[message], deadline, step, "plan")
-            .await?;
         let mut dropped = dropped_at_evaluation;
         // Each planned network with the shards its update averages.
         let updates: Vec<(Net, Vec<(u32, u32)>)> = [(Net::Discriminator, train_d), (Net::Generator, train_g)]
@@ -607,9 +638,29 @@ impl Trainer {
                     .map(move |s| (*net, s))
             })
             .collect();
+        // Workers that sum their shards need to know which to leave out.
+        let sit_out = |net: Net| -> Vec<u32> {
+            self.sitting_out
+                .iter()
+                .filter(|(n, _)| *n == net)
+                .map(|&(_, s)| s)
+                .collect()
+        };
+        let message = pb::CoordinatorMessage::of(Out::Plan(pb::Plan {
+            step,
+            attempt,
+            train_d,
+            train_g,
+            sit_out_d: sit_out(Net::Discriminator),
+            sit_out_g: sit_out(Net::Generator),
+        }));
+        self.peers
+            .send_all(&all_ids, &[message], deadline, step, "plan")
+            .await?;
+        let mut contributions = 0;
         for (net, averaged) in updates {
             dropped += (evaluation.included.len() - averaged.len()) as u32;
-            self.update(net, step, &training, &averaged).await?;
+            contributions += self.update(net, step, &training, &averaged).await?;
         }
         self.finish_step(step);
         Ok(StepRecord {
@@ -626,6 +677,7 @@ impl Trainer {
             attempts: attempt,
             dropped,
             skipped: false,
+            contributions,
         })
     }
 
@@ -777,14 +829,16 @@ impl Trainer {
     /// Gathers one network's gradient for every averaged shard and streams the update: each
     /// chunk whose every shard has arrived is averaged (in shard order), gets RMSProp and is
     /// broadcast while later chunks are still arriving. The final chunk also updates and
-    /// carries the batch-norm running averages.
+    /// carries the batch-norm running averages. A worker with one replica uploads each of its
+    /// averaged shards, one with several a single group for all of them. Returns how many
+    /// uploads the update took in.
     async fn update(
         &mut self,
         net: Net,
         step: u64,
         training: &[(u64, Vec<u32>)],
         averaged: &[(u32, u32)],
-    ) -> Result<()> {
+    ) -> Result<u32> {
         let phase = net.phase_name();
         let deadline = self.phase_deadline();
         let started = Instant::now();
@@ -797,9 +851,23 @@ impl Trainer {
         };
         if averaged.is_empty() {
             warn!(step, phase, "no finite gradient: the network is not updated this step");
-            return self.broadcast_params(net, step, &ids, deadline).await;
+            return self.broadcast_params(net, step, &ids, deadline).await.map(|()| 0);
         }
-        self.slot(net).mean.begin(averaged);
+        let mut parts: Vec<Vec<(u32, u32)>> = Vec::new();
+        for (worker, shards) in training {
+            let own: Vec<(u32, u32)> = averaged.iter().copied().filter(|(s, _)| shards.contains(s)).collect();
+            if own.is_empty() {
+                continue;
+            }
+            if self.replicas_of(*worker) > 1 {
+                parts.push(own);
+            } else {
+                parts.extend(own.into_iter().map(|s| vec![s]));
+            }
+        }
+        // A group takes its turn at its first shard.
+        parts.sort_by_key(|part| part[0].0);
+        self.slot(net).mean.begin_parts(&parts);
         let chunks = self.slot(net).mean.chunks();
         let mut sent = 0;
         let mut updated: Vec<(usize, Bytes)> = Vec::new();
@@ -823,8 +891,11 @@ impl Trainer {
             };
             let sitting_out =
                 Net::from_phase(chunk.phase()).is_some_and(|n| self.sitting_out.contains(&(n, chunk.shard)));
-            if chunk.step == step && holder(chunk.shard) == Some(worker) && sitting_out {
-                continue; // a shard left out of that update; its worker uploads it anyway
+            // A shard left out of that update, which a worker of one replica uploads anyway (one
+            // summing its shards was told to leave it out).
+            if chunk.step == step && holder(chunk.shard) == Some(worker) && sitting_out && self.replicas_of(worker) == 1
+            {
+                continue;
             }
             if chunk.step != step || chunk.phase() != net.phase() || holder(chunk.shard) != Some(worker) {
                 return Err(self.unexpected(worker, step, phase, &In::Gradient(chunk)));
@@ -840,14 +911,7 @@ impl Trainer {
                 new_params: &mut slot.spare,
                 updated: &mut updated,
             };
-            let taken = slot.mean.accept(
-                shard,
-                chunk.offset as usize,
-                chunk.values,
-                chunk.last,
-                (chunk.samples, chunk.bn_batch_stats),
-                &mut apply,
-            );
+            let taken = slot.mean.take(chunk.into(), &mut apply);
             match taken {
                 Ok(Taken::Ok) => {}
                 Ok(Taken::NonFinite { shard }) => {
@@ -868,7 +932,7 @@ impl Trainer {
                 self.observe_phase(started);
             }
         }
-        Ok(())
+        Ok(self.slot(net).mean.parts() as u32)
     }
 
     fn slot(&mut self, net: Net) -> &mut NetSlot {

@@ -8,7 +8,7 @@ pub mod data;
 pub mod order;
 
 /// Bumped whenever a message changes meaning; a worker of another version is refused at Join.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Generated protobuf types and tonic service stubs for `forger.v1`.
 #[allow(missing_debug_implementations, clippy::all)]

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use forger_common::average::weighted_average;
 use forger_common::compression::{ErrorFeedback, GradientCompression};
 use forger_common::layout;
 use forger_common::spec::JobSpec;
@@ -30,6 +31,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 pub struct FakeWorker {
     pub id: u64,
     pub rank: u32,
+    /// The replicas it said it runs at Join.
+    pub replicas: u32,
     pub spec: JobSpec,
     /// The shards it holds, each with its dataset indices.
     pub shards: BTreeMap<u32, Vec<u32>>,
@@ -45,6 +48,8 @@ pub struct FakeWorker {
     heartbeats: JoinHandle<()>,
     /// With bf16 gradients: each (shard, phase)'s error-feedback residual.
     residuals: Mutex<HashMap<(u32, i32), ErrorFeedback>>,
+    /// With bf16 gradients: each phase's group, with its residual.
+    group_residuals: Mutex<HashMap<i32, (Vec<u32>, ErrorFeedback)>>,
 }
 
 impl Drop for FakeWorker {
@@ -56,6 +61,13 @@ impl Drop for FakeWorker {
 impl FakeWorker {
     /// Joins and opens the session; shards come with [`FakeWorker::take_assignment`].
     pub async fn join(url: &str) -> FakeWorker {
+        FakeWorker::join_with_replicas(url, 1).await
+    }
+
+    /// Joins saying it runs `replicas` replicas, as `forger-worker --devices` does: it is
+    /// given shards in proportion and, with more than one, must upload a group per phase
+    /// ([`FakeWorker::upload_group`]).
+    pub async fn join_with_replicas(url: &str, replicas: u32) -> FakeWorker {
         let mut client = CoordinatorClient::connect(url.to_string()).await.expect("connect");
         let reply = client
             .join(pb::JoinRequest {
@@ -63,6 +75,7 @@ impl FakeWorker {
                 host: "fake".into(),
                 device: "none".into(),
                 threads: 1,
+                replicas,
             })
             .await
             .expect("join")
@@ -103,6 +116,7 @@ impl FakeWorker {
         FakeWorker {
             id: reply.worker_id,
             rank: reply.rank,
+            replicas: replicas.max(1),
             spec,
             shards: BTreeMap::new(),
             token: reply.session_token,
@@ -114,6 +128,7 @@ impl FakeWorker {
             order: InOrder::new(),
             heartbeats,
             residuals: Mutex::new(HashMap::new()),
+            group_residuals: Mutex::new(HashMap::new()),
         }
     }
 
@@ -269,6 +284,74 @@ impl FakeWorker {
                 last,
                 samples: if last { samples } else { 0 },
                 bn_batch_stats: if last { bn_stats.take().unwrap() } else { Vec::new() },
+                group: Vec::new(),
+            };
+            self.link.send.send(chunk).await.expect("data connection open");
+        }
+    }
+
+    /// Uploads one gradient for several shards, as a worker with several replicas does: the
+    /// sample-weighted mean of `parts` (shard, gradient, samples, batch-norm statistics), in
+    /// the order given, with bf16 error feedback per group when the job compresses.
+    pub async fn upload_group(&self, at: (u64, u32), phase: pb::Phase, parts: &[(u32, &[f32], u32, Vec<f32>)]) {
+        let weighted: Vec<(&[f32], u32)> = parts.iter().map(|&(_, g, n, _)| (g, n)).collect();
+        let mut sum = vec![0f32; parts[0].1.len()];
+        weighted_average(&weighted, &mut sum);
+        let shards: Vec<u32> = parts.iter().map(|p| p.0).collect();
+        let encoded = match self.spec.cluster.gradient_compression {
+            GradientCompression::None => wire::f32_bytes(&sum),
+            GradientCompression::Bf16 => {
+                let mut groups = self.group_residuals.lock().expect("residuals lock");
+                let (members, feedback) = groups
+                    .entry(phase as i32)
+                    .or_insert_with(|| (shards.clone(), ErrorFeedback::new(sum.len())));
+                if *members != shards {
+                    *members = shards.clone();
+                    *feedback = ErrorFeedback::new(sum.len());
+                }
+                Bytes::from(feedback.compress(at.0, &sum))
+            }
+        };
+        let group = parts
+            .iter()
+            .map(|(shard, gradient, samples, bn)| pb::GroupShard {
+                shard: *shard,
+                samples: *samples,
+                bn_batch_stats: bn.clone(),
+                non_finite: !gradient.iter().all(|v| v.is_finite()),
+            })
+            .collect();
+        self.upload_group_encoded(at, phase, group, encoded).await;
+    }
+
+    /// Uploads a group's gradient already in wire bytes, `group` listing its shards on the
+    /// first chunk as it is, however wrong; the group's first listed shard names the upload.
+    pub async fn upload_group_encoded(
+        &self,
+        (step, attempt): (u64, u32),
+        phase: pb::Phase,
+        group: Vec<pb::GroupShard>,
+        encoded: Bytes,
+    ) {
+        let value_bytes = self.spec.cluster.gradient_compression.value_bytes();
+        let len = encoded.len() / value_bytes;
+        let chunks = len.div_ceil(CHUNK_VALUES);
+        let (shard, total) = (group[0].shard, group.iter().map(|g| g.samples).sum::<u32>());
+        let mut group = Some(group);
+        for c in 0..chunks {
+            let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(len);
+            let last = c + 1 == chunks;
+            let chunk = pb::GradientChunk {
+                step,
+                attempt,
+                phase: phase as i32,
+                shard,
+                offset: range.start as u64,
+                values: encoded.slice(range.start * value_bytes..range.end * value_bytes),
+                last,
+                samples: if last { total } else { 0 },
+                bn_batch_stats: Vec::new(),
+                group: group.take().unwrap_or_default(),
             };
             self.link.send.send(chunk).await.expect("data connection open");
         }

@@ -63,6 +63,7 @@ async fn join_request(
             host: host.into(),
             device: "none".into(),
             threads: 1,
+            replicas: 1,
         })
         .await
 }
@@ -696,6 +697,7 @@ async fn a_worker_beyond_the_spec_is_told_the_cluster_is_full() {
             host: "old".into(),
             device: "none".into(),
             threads: 1,
+            replicas: 1,
         })
         .await
         .unwrap_err();
@@ -1014,4 +1016,306 @@ async fn a_worker_that_heartbeats_but_never_answers_is_evicted_long_before_the_s
         "{evicted:?}"
     );
     drop(coordinator);
+}
+
+/// Each shard's gradient and batch-norm statistics for one phase of a step, as the group tests
+/// upload them.
+fn phase_values(
+    step: u64,
+    phase: pb::Phase,
+    shards: usize,
+    len: usize,
+    bn_len: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let grads = (0..shards)
+        .map(|s| pseudo_random(step * 100 + s as u64 + phase as u64 * 10, len))
+        .collect();
+    let stats = (0..shards)
+        .map(|s| {
+            pseudo_random(step * 1000 + s as u64, bn_len)
+                .iter()
+                .map(|v| v.abs())
+                .collect()
+        })
+        .collect();
+    (grads, stats)
+}
+
+/// One phase in which a worker with several replicas uploads one group for the `averaged`
+/// shards it holds (one shard alone goes plain) and every other worker uploads per shard.
+/// Checks the broadcast, bit for bit, against RMSProp on the mean taken as the coordinator
+/// must take it: each group's own sample-weighted mean, weighted by the group's samples, in
+/// the order of first shards; and that mean against the per-shard one, within rounding.
+/// Returns how many uploads the phase took.
+async fn grouped_phase(
+    workers: &mut [FakeWorker],
+    at: (u64, u32),
+    phase: pb::Phase,
+    reference: &mut Reference,
+    bn: &mut [f32],
+    averaged: &[u32],
+) -> usize {
+    let len = reference.params.len();
+    let shards: usize = workers.iter().map(|w| w.shards.len()).sum();
+    let (grads, stats) = phase_values(at.0, phase, shards, len, bn.len());
+    // Every upload: (first shard, gradient, samples).
+    let mut parts: Vec<(u32, Vec<f32>, u32)> = Vec::new();
+    for w in workers.iter() {
+        let own: Vec<u32> = w.shards.keys().copied().filter(|s| averaged.contains(s)).collect();
+        if w.replicas > 1 && own.len() > 1 {
+            let members: Vec<(u32, &[f32], u32, Vec<f32>)> = own
+                .iter()
+                .map(|&s| (s, grads[s as usize].as_slice(), 2, stats[s as usize].clone()))
+                .collect();
+            w.upload_group(at, phase, &members).await;
+            let local = shard_order_mean(
+                &own.iter().map(|&s| grads[s as usize].clone()).collect::<Vec<_>>(),
+                &vec![2; own.len()],
+            );
+            parts.push((own[0], local, 2 * own.len() as u32));
+        } else {
+            for &s in &own {
+                w.upload(at, phase, s, &grads[s as usize], 2, stats[s as usize].clone())
+                    .await;
+                parts.push((s, grads[s as usize].clone(), 2));
+            }
+        }
+    }
+    parts.sort_by_key(|p| p.0);
+    let mean = shard_order_mean(
+        &parts.iter().map(|p| p.1.clone()).collect::<Vec<_>>(),
+        &parts.iter().map(|p| p.2).collect::<Vec<_>>(),
+    );
+    let pick = |all: &[Vec<f32>]| averaged.iter().map(|&s| all[s as usize].clone()).collect::<Vec<_>>();
+    let per_shard = shard_order_mean(&pick(&grads), &vec![2; averaged.len()]);
+    for (i, (a, b)) in mean.iter().zip(&per_shard).enumerate() {
+        let scale: f32 = pick(&grads).iter().map(|g| g[i].abs()).sum::<f32>() / averaged.len() as f32;
+        assert!(
+            (a - b).abs() <= 1e-6 * scale,
+            "element {i}: {a} against the per-shard {b}"
+        );
+    }
+    reference
+        .optimizer
+        .apply(&mut reference.params, &mut reference.mean_square, &mean);
+    update_moving_average(bn, &shard_order_mean(&pick(&stats), &vec![2; averaged.len()]), 0.9);
+    let network = if phase == pb::Phase::Discriminator {
+        pb::Network::Discriminator
+    } else {
+        pb::Network::Generator
+    };
+    for w in workers.iter_mut() {
+        let (net, step, values, running) = w.recv_params().await;
+        assert_eq!((net, step), (network, at.0));
+        assert!(
+            values == reference.params,
+            "broadcast parameters equal RMSProp on the mean of the groups, bit for bit"
+        );
+        assert_eq!(&running, bn);
+    }
+    parts.len()
+}
+
+/// A worker of two replicas beside one of one, on three shards, each joined and synced.
+async fn two_replicas_and_one(coordinator: &TestCoordinator) -> (Vec<FakeWorker>, Replicas) {
+    let mut workers = vec![
+        FakeWorker::join_with_replicas(&coordinator.url(), 2).await,
+        FakeWorker::join(&coordinator.url()).await,
+    ];
+    let replicas = receive_initial(&mut workers, 0).await;
+    let held: Vec<Vec<u32>> = workers.iter().map(|w| w.shards.keys().copied().collect()).collect();
+    assert_eq!(held, vec![vec![0, 1], vec![2]], "shards in proportion to replicas");
+    (workers, replicas)
+}
+
+/// The next Plan, whole.
+async fn next_plan(w: &mut FakeWorker) -> pb::Plan {
+    let In::Plan(plan) = w.recv().await else {
+        panic!("expected Plan")
+    };
+    plan
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_of_two_replicas_sends_one_group_per_phase_and_the_update_follows_it() {
+    let (_data, run, coordinator) = tiny_cluster(3, 1).await;
+    let (mut workers, mut replicas) = two_replicas_and_one(&coordinator).await;
+    let spec = workers[0].spec.clone();
+    let mut d = Reference::starting_at(&replicas.d, spec.train.lr_d);
+    let mut g = Reference::starting_at(&replicas.g, spec.train.lr_g);
+    evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
+    for w in workers.iter_mut() {
+        let plan = next_plan(w).await;
+        assert_eq!((plan.train_d, plan.train_g), (true, true));
+        assert!(plan.sit_out_d.is_empty() && plan.sit_out_g.is_empty());
+    }
+    let all = [0, 1, 2];
+    let d_uploads = grouped_phase(
+        &mut workers,
+        (1, 1),
+        pb::Phase::Discriminator,
+        &mut d,
+        &mut replicas.bn,
+        &all,
+    )
+    .await;
+    let g_uploads = grouped_phase(
+        &mut workers,
+        (1, 1),
+        pb::Phase::Generator,
+        &mut g,
+        &mut replicas.bn,
+        &all,
+    )
+    .await;
+    assert_eq!((d_uploads, g_uploads), (2, 2));
+    answer_samples(&mut workers[0], 1).await;
+    for w in workers.iter_mut() {
+        assert!(matches!(w.recv().await, In::Shutdown(s) if !s.rejoin));
+    }
+    let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!((summary.step, summary.evictions, summary.retries), (1, 0, 0));
+    let metrics = metric_lines(run.path());
+    assert_eq!(
+        (
+            metrics[0]["workers"].as_u64(),
+            metrics[0]["images"].as_u64(),
+            metrics[0]["contributions"].as_u64()
+        ),
+        (Some(2), Some(6), Some(4)),
+        "two uploads per phase for three shards"
+    );
+    let joined = events(run.path(), "joined");
+    assert_eq!(joined[0]["replicas"], 2);
+    assert_eq!(joined[0]["shards"], serde_json::json!([0, 1]));
+    let saved = checkpoint::load(&run.path().join("checkpoints/step-00000001.safetensors")).unwrap();
+    assert_eq!(saved.state.discriminator.params, d.params);
+    assert_eq!(saved.state.generator.params, g.params);
+    assert_eq!(saved.state.batch_norm, replicas.bn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_naming_a_shard_its_worker_does_not_hold_drops_that_worker_and_the_other_trains_on() {
+    let (_data, run, coordinator) = tiny_cluster(3, 1).await;
+    let (mut workers, replicas) = two_replicas_and_one(&coordinator).await;
+    evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
+    assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
+    // Shard 2 is the other worker's.
+    let len = replicas.d.len();
+    let bn_len = workers[0].bn_len();
+    let group = [0u32, 2]
+        .iter()
+        .map(|&shard| pb::GroupShard {
+            shard,
+            samples: 2,
+            bn_batch_stats: vec![0.5; bn_len],
+            non_finite: false,
+        })
+        .collect();
+    let encoded = wire::f32_bytes(&pseudo_random(5, len));
+    workers[0]
+        .upload_group_encoded((1, 1), pb::Phase::Discriminator, group, encoded)
+        .await;
+    let mut bad = workers.remove(0);
+    let In::Shutdown(shutdown) = bad.recv().await else {
+        panic!("expected Shutdown")
+    };
+    assert!(
+        shutdown
+            .reason
+            .contains("group gradient covers (shard, samples) [(0, 2), (2, 2)]")
+            && shutdown.reason.contains("expected [(0, 2), (1, 2)]"),
+        "{}",
+        shutdown.reason
+    );
+    // The other worker takes every shard and runs the step again, alone.
+    let survivor = &mut workers[0];
+    assert_eq!(survivor.take_assignment().await, vec![0, 1, 2]);
+    let again = receive_both(survivor, 0).await;
+    assert!(again.d == replicas.d && again.g == replicas.g, "the attempt was undone");
+    assert_eq!(answer_evaluate(survivor, 1, (1.4, 1.4, 1.6), replicas.crc()).await, 2);
+    train_first_step(&mut workers, 2, &replicas).await;
+    answer_samples(&mut workers[0], 1).await;
+    let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!((summary.step, summary.evictions, summary.retries), (1, 1, 1));
+    let evicted = events(run.path(), "evicted");
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(evicted[0]["worker"], bad.id);
+    let metrics = metric_lines(run.path());
+    assert_eq!(
+        metrics[0]["contributions"], 6,
+        "three shards, one upload each, in both phases"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_naming_a_non_finite_shard_retries_the_step_without_it_and_the_plan_says_so() {
+    let (_data, run, coordinator) = tiny_cluster(3, 1).await;
+    let (mut workers, mut replicas) = two_replicas_and_one(&coordinator).await;
+    let spec = workers[0].spec.clone();
+    let mut d = Reference::starting_at(&replicas.d, spec.train.lr_d);
+    let mut g = Reference::starting_at(&replicas.g, spec.train.lr_g);
+    evaluate(&mut workers, 1, (1.4, 1.4, 1.6), &replicas).await;
+    assert_eq!(expect_plan(&mut workers, 1).await, (true, true));
+    // Shard 1's D gradient holds a NaN: the group's sum does too, and its first chunk says
+    // whose it is.
+    let len = d.params.len();
+    let bn_len = workers[0].bn_len();
+    let mut poisoned = pseudo_random(1, len);
+    poisoned[len / 2] = f32::NAN;
+    let clean = pseudo_random(0, len);
+    let members = [
+        (0u32, clean.as_slice(), 2u32, vec![0.5; bn_len]),
+        (1, poisoned.as_slice(), 2, vec![0.5; bn_len]),
+    ];
+    workers[0]
+        .upload_group((1, 1), pb::Phase::Discriminator, &members)
+        .await;
+    for w in workers.iter_mut() {
+        let again = receive_both(w, 0).await;
+        assert!(again.d == replicas.d && again.g == replicas.g);
+    }
+    for w in workers.iter_mut() {
+        assert_eq!(answer_evaluate(w, 1, (1.4, 1.4, 1.6), replicas.crc()).await, 2);
+    }
+    for w in workers.iter_mut() {
+        let plan = next_plan(w).await;
+        assert_eq!((plan.attempt, plan.sit_out_d, plan.sit_out_g), (2, vec![1], vec![]));
+    }
+    // D without shard 1: the group is shard 0 alone, sent plain; G with every shard.
+    let d_uploads = grouped_phase(
+        &mut workers,
+        (1, 2),
+        pb::Phase::Discriminator,
+        &mut d,
+        &mut replicas.bn,
+        &[0, 2],
+    )
+    .await;
+    let g_uploads = grouped_phase(
+        &mut workers,
+        (1, 2),
+        pb::Phase::Generator,
+        &mut g,
+        &mut replicas.bn,
+        &[0, 1, 2],
+    )
+    .await;
+    assert_eq!((d_uploads, g_uploads), (2, 2));
+    answer_samples(&mut workers[0], 1).await;
+    let summary = coordinator.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!((summary.step, summary.evictions, summary.retries), (1, 0, 1));
+    let dropped = events(run.path(), "dropped");
+    assert_eq!(
+        (dropped[0]["shard"].as_u64(), dropped[0]["phase"].as_str()),
+        (Some(1), Some("discriminator"))
+    );
+    let metrics = metric_lines(run.path());
+    assert_eq!(
+        (metrics[0]["dropped"].as_u64(), metrics[0]["attempts"].as_u64()),
+        (Some(1), Some(2))
+    );
+    let saved = checkpoint::load(&run.path().join("checkpoints/step-00000001.safetensors")).unwrap();
+    assert_eq!(saved.state.discriminator.params, d.params);
+    assert_eq!(saved.state.generator.params, g.params);
 }

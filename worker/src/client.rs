@@ -277,6 +277,7 @@ async fn join(config: &WorkerConfig) -> Result<(CoordinatorClient<Channel>, pb::
             host,
             device: device::describe(config.device),
             threads: config.threads as u32,
+            replicas: 1,
         })
         .await?
         .into_inner();

@@ -338,6 +338,7 @@ impl Worker {
                     } else {
                         Vec::new()
                     },
+                    group: Vec::new(),
                 }))?;
                 sent += 1;
             }

@@ -216,3 +216,196 @@ fn bf16_chunks_give_the_bits_of_the_mean_of_what_they_decode_to() {
         }
     );
 }
+
+/// A group's first chunk as its worker sends it.
+fn group_chunk(values: &[f32], c: usize, first: u32, members: &[(u32, u32)], total: u32) -> Chunk {
+    let (offset, bytes, last) = chunk(values, c);
+    Chunk {
+        shard: first,
+        offset,
+        bytes,
+        last,
+        samples: if last { total } else { 0 },
+        bn_stats: Vec::new(),
+        group: if c == 0 {
+            members
+                .iter()
+                .map(|&(shard, samples)| GroupShard {
+                    shard,
+                    samples,
+                    bn_stats: bn(shard),
+                    non_finite: false,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+#[test]
+fn a_group_summed_by_its_worker_reduces_to_the_per_shard_mean_within_rounding() {
+    let len = 2 * CHUNK_VALUES + 500;
+    let samples = [16u32, 8, 16, 12, 16];
+    let grads: Vec<Vec<f32>> = (0..5).map(|s| values(s + 1, len)).collect();
+    let per_shard: Vec<(&[f32], u32)> = grads.iter().map(Vec::as_slice).zip(samples).collect();
+    let mut expected = vec![0.0; len];
+    weighted_average(&per_shard, &mut expected);
+
+    // Shards 0, 2 and 3 are one worker's replicas' (summed there, in shard order); 1 and 4
+    // come from workers of one replica each.
+    let members = [(0u32, 16u32), (2, 16), (3, 12)];
+    let group_total: u32 = members.iter().map(|&(_, n)| n).sum();
+    let mut local = vec![0.0; len];
+    let own: Vec<(&[f32], u32)> = members
+        .iter()
+        .map(|&(s, n)| (grads[s as usize].as_slice(), n))
+        .collect();
+    weighted_average(&own, &mut local);
+
+    let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
+    mean.begin_parts(&[members.to_vec(), vec![(1, 8)], vec![(4, 16)]]);
+    assert_eq!(mean.parts(), 3, "three uploads instead of five");
+    let weights: Vec<f32> = mean.parts.iter().map(|p| p.weight).collect();
+    let total: f32 = weights.iter().sum();
+    assert!((total - 1.0).abs() < 1e-6, "the weights add up to {total}");
+    assert_eq!(
+        weights[0],
+        (f64::from(group_total) / 68.0) as f32,
+        "a group weighs its samples"
+    );
+    let shard_weights: f32 = members.iter().map(|&(_, n)| (f64::from(n) / 68.0) as f32).sum();
+    assert!(
+        (weights[0] - shard_weights).abs() < 1e-6,
+        "and its shards' weights together"
+    );
+
+    // The group's chunks arrive after the others', so they wait for nothing and the others
+    // wait for them.
+    for c in 0..chunk_count(len) {
+        for shard in [4u32, 1] {
+            let (offset, bytes, last) = chunk(&grads[shard as usize], c);
+            let final_part = (samples[shard as usize], if last { bn(shard) } else { Vec::new() });
+            assert_eq!(
+                mean.accept(shard, offset, bytes, last, final_part, &mut KeepMean),
+                Ok(Taken::Ok)
+            );
+        }
+    }
+    assert_eq!(mean.complete_chunks(), 0, "the group's turn comes first");
+    for c in 0..chunk_count(len) {
+        let taken = mean.take(group_chunk(&local, c, 0, &members, group_total), &mut KeepMean);
+        assert_eq!(taken, Ok(Taken::Ok));
+    }
+    assert!(mean.is_complete());
+    let reduced = mean.mean(0..len);
+    let mut differ = 0;
+    for i in 0..len {
+        // f32 rounding of a few products and sums: bounded by the terms' magnitudes.
+        let scale: f32 = per_shard.iter().map(|(g, n)| g[i].abs() * *n as f32 / 68.0).sum();
+        let error = (reduced[i] - expected[i]).abs();
+        assert!(
+            error <= 1e-6 * scale,
+            "element {i}: {} against {} (scale {scale})",
+            reduced[i],
+            expected[i]
+        );
+        differ += usize::from(reduced[i] != expected[i]);
+    }
+    assert!(differ > 0, "summing in groups changes the rounding, somewhere");
+    // Batch-norm statistics count shard by shard, so grouping does not change them at all.
+    let bn_expected: Vec<f32> = {
+        let stats: Vec<Vec<f32>> = (0..5).map(bn).collect();
+        let weighted: Vec<(&[f32], u32)> = stats.iter().map(Vec::as_slice).zip(samples).collect();
+        let mut out = vec![0.0; BN];
+        weighted_average(&weighted, &mut out);
+        out
+    };
+    assert_eq!(mean.bn_mean(), bn_expected);
+}
+
+#[test]
+fn a_group_must_list_exactly_its_shards_on_its_first_chunk() {
+    let len = CHUNK_VALUES + 8;
+    let g = values(9, len);
+    let members = [(0u32, 2u32), (2, 2)];
+    let fresh = || {
+        let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
+        mean.begin_parts(&[members.to_vec(), vec![(1, 2)]]);
+        mean
+    };
+    // Naming a shard its worker does not hold (1 is another's), or wrong samples.
+    for wrong in [
+        vec![(0u32, 2u32), (1, 2)],
+        vec![(0, 2), (2, 3)],
+        vec![(0, 2)],
+        Vec::new(),
+    ] {
+        let mut mean = fresh();
+        let found = mean.take(group_chunk(&g, 0, 0, &wrong, 4), &mut KeepMean);
+        assert_eq!(
+            found,
+            Err(ChunkError::Group {
+                expected: members.to_vec(),
+                found: wrong.clone()
+            })
+        );
+    }
+    // A chunk naming the group's second shard is no upload of this phase.
+    let mut mean = fresh();
+    assert_eq!(
+        mean.take(group_chunk(&g, 0, 2, &members, 4), &mut KeepMean),
+        Err(ChunkError::NotAveraged)
+    );
+    // The list belongs on the first chunk only, and never on a one-shard upload.
+    let mut mean = fresh();
+    mean.take(group_chunk(&g, 0, 0, &members, 4), &mut KeepMean).unwrap();
+    let mut second = group_chunk(&g, 1, 0, &members, 4);
+    second.group = group_chunk(&g, 0, 0, &members, 4).group;
+    assert!(matches!(
+        mean.take(second, &mut KeepMean),
+        Err(ChunkError::Group { expected, .. }) if expected.is_empty()
+    ));
+    let mut single = group_chunk(&g, 0, 1, &[(1, 2)], 2);
+    single.samples = 0;
+    assert_eq!(
+        mean.take(single, &mut KeepMean),
+        Err(ChunkError::Group {
+            expected: vec![(1, 2)],
+            found: vec![(1, 2)]
+        })
+    );
+    // The final chunk carries the group's samples and no statistics of its own.
+    let mut last = group_chunk(&g, 1, 0, &members, 4);
+    last.bn_stats = bn(0);
+    assert_eq!(
+        mean.take(last, &mut KeepMean),
+        Err(ChunkError::FinalChunk {
+            samples: 4,
+            expected_samples: 4,
+            bn: BN,
+            expected_bn: 0
+        })
+    );
+    assert_eq!(
+        mean.take(group_chunk(&g, 1, 0, &members, 4), &mut KeepMean),
+        Ok(Taken::Ok)
+    );
+}
+
+#[test]
+fn a_group_names_the_shard_whose_gradient_or_statistics_are_not_finite() {
+    let len = 100;
+    let g = values(4, len);
+    let members = [(3u32, 2u32), (5, 2)];
+    let mut mean = StreamingMean::new(len, BN, GradientCompression::None);
+    mean.begin_parts(&[members.to_vec()]);
+    let mut flagged = group_chunk(&g, 0, 3, &members, 4);
+    flagged.group[1].non_finite = true;
+    assert_eq!(mean.take(flagged, &mut KeepMean), Ok(Taken::NonFinite { shard: 5 }));
+
+    mean.begin_parts(&[members.to_vec()]);
+    let mut statistics = group_chunk(&g, 0, 3, &members, 4);
+    statistics.group[0].bn_stats[1] = f32::INFINITY;
+    assert_eq!(mean.take(statistics, &mut KeepMean), Ok(Taken::NonFinite { shard: 3 }));
+}

@@ -1,6 +1,7 @@
 //! Between two steps: who trains next. Newcomers are admitted, workers that asked to leave are
-//! dismissed, the shards are re-balanced (each moved shard is a download for its new holder),
-//! parameters go to whoever lacks them, and below `cluster.min_workers` the run pauses.
+//! dismissed, the shards are re-balanced in proportion to each worker's replicas (each moved
+//! shard is a download for its new holder), parameters go to whoever lacks them, and below
+//! `cluster.min_workers` replicas the run pauses.
 
 use forger_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
 use tokio::time::{Duration, Instant};
@@ -37,7 +38,8 @@ impl Trainer {
             self.drain(step).await?;
             self.record_departures(step);
             self.dismiss_leavers(step);
-            let connected = self.peers.all().len();
+            // `cluster.workers` and `min_workers` count replicas: a worker of two GPUs is two.
+            let connected = self.peers.replicas();
             if !self.started {
                 let now = Instant::now();
                 if connected >= min {
@@ -71,7 +73,7 @@ impl Trainer {
                 if self.idle_until(Instant::now() + PAUSE_REMINDER, step).await? {
                     warn!(
                         step,
-                        connected,
+                        replicas = connected,
                         min_workers = min,
                         "still paused: waiting for workers to join"
                     );
@@ -80,25 +82,31 @@ impl Trainer {
             }
             if let Some(at) = paused_at.take() {
                 let paused_secs = at.elapsed().as_secs_f64();
+                let workers = self.peers.all().len();
                 info!(
                     step,
-                    workers = connected,
+                    workers,
+                    replicas = connected,
                     paused_secs,
                     "enough workers again: training resumes"
                 );
                 self.history.record(
                     step,
                     "resumed",
-                    serde_json::json!({ "workers": connected, "paused_secs": paused_secs }),
+                    serde_json::json!({ "workers": workers, "replicas": connected, "paused_secs": paused_secs }),
                 );
             }
             if let Round::Settled = self.assign_and_sync(step).await? {
                 if !self.started {
                     self.started = true;
                     let workers = self.peers.all().len();
-                    info!(from = step, to = self.spec.train.steps, workers, "training");
-                    self.history
-                        .record(step, "started", serde_json::json!({ "workers": workers }));
+                    let replicas = self.peers.replicas();
+                    info!(from = step, to = self.spec.train.steps, workers, replicas, "training");
+                    self.history.record(
+                        step,
+                        "started",
+                        serde_json::json!({ "workers": workers, "replicas": replicas }),
+                    );
                 }
                 return Ok(());
             }
@@ -187,19 +195,21 @@ impl Trainer {
         }
     }
 
-    /// Too few workers: keep what was computed, say so, and wait.
-    fn pause(&mut self, step: u64, connected: usize) -> Result<()> {
+    /// Too few replicas: keep what was computed, say so, and wait.
+    fn pause(&mut self, step: u64, replicas: usize) -> Result<()> {
         let min = self.spec.cluster.min_workers;
+        let workers = self.peers.all().len();
         warn!(
             step,
-            connected,
+            workers,
+            replicas,
             min_workers = min,
-            "paused: fewer workers than cluster.min_workers; training resumes when enough join"
+            "paused: fewer replicas than cluster.min_workers; training resumes when enough join"
         );
         self.history.record(
             step,
             "paused",
-            serde_json::json!({ "workers": connected, "min_workers": min }),
+            serde_json::json!({ "workers": workers, "replicas": replicas, "min_workers": min }),
         );
         if self.state.step > self.last_checkpoint {
             self.save_checkpoint()?;
@@ -218,8 +228,7 @@ impl Trainer {
             .iter()
             .map(|p| p.assigning.clone().unwrap_or_else(|| p.shards.clone()))
             .collect();
-        // Every worker runs one replica, until Join says otherwise.
-        let replicas = vec![1; current.len()];
+        let replicas: Vec<u32> = self.peers.all().iter().map(|p| p.info.replicas).collect();
         let next = rebalance(&current, &replicas, self.shards());
         let deadline = Instant::now() + Duration::from_secs(self.spec.cluster.step_timeout_secs);
         let mut awaiting: Vec<(u64, Vec<u32>)> = Vec::new();
@@ -240,11 +249,15 @@ impl Trainer {
             }
             if newcomer {
                 self.summary.joins += u64::from(self.started);
-                let host = self.peers.get(worker).map(|p| p.info.host.clone()).unwrap_or_default();
+                let (host, replicas) = self
+                    .peers
+                    .get(worker)
+                    .map(|p| (p.info.host.clone(), p.info.replicas))
+                    .unwrap_or_default();
                 self.history.record(
                     step,
                     "joined",
-                    serde_json::json!({ "worker": worker, "host": host, "shards": shards }),
+                    serde_json::json!({ "worker": worker, "host": host, "replicas": replicas, "shards": shards }),
                 );
             }
             awaiting.push((worker, shards));
