@@ -36,18 +36,15 @@ impl Process {
 
     /// A worker for `url` with one libtorch thread; `fail_points` sets `FAILPOINTS`.
     pub fn worker(name: &str, url: &str, log_dir: &Path, fail_points: Option<&str>) -> Process {
+        Process::worker_on(name, url, log_dir, fail_points, &["--threads", "1", "--device", "cpu"])
+    }
+
+    /// A worker for `url` computing as `devices` says (`--device`, `--devices`, `--threads`).
+    pub fn worker_on(name: &str, url: &str, log_dir: &Path, fail_points: Option<&str>, devices: &[&str]) -> Process {
         let mut command = Command::new(binary("forger-worker"));
         command
-            .args([
-                "--coordinator",
-                url,
-                "--threads",
-                "1",
-                "--device",
-                "cpu",
-                "--patience-secs",
-                "60",
-            ])
+            .args(["--coordinator", url, "--patience-secs", "60"])
+            .args(devices)
             .env("RUST_LOG", "info");
         if let Some(points) = fail_points {
             command.env("FAILPOINTS", points);

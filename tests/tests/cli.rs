@@ -67,6 +67,37 @@ fn asking_for_cuda_without_a_gpu_is_an_error() {
     assert!(stderr.contains("no usable GPU"), "{stderr}");
 }
 
+#[test]
+fn devices_all_without_a_gpu_says_where_to_look_and_devices_exclude_device() {
+    let out = Command::new(binary("forger-worker"))
+        .args(["--devices", "all", "--coordinator", "http://127.0.0.1:9"])
+        .env("FORGER_PATIENCE_SECS", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !tch_sees_a_gpu(&stderr) {
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("CUDA_VISIBLE_DEVICES") && stderr.contains("--device cpu"),
+            "{stderr}"
+        );
+    }
+    let out = Command::new(binary("forger-worker"))
+        .args([
+            "--device",
+            "cpu",
+            "--devices",
+            "cpu,cpu",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
 fn tch_sees_a_gpu(stderr: &str) -> bool {
     // On a CUDA machine the worker gets past device selection and fails to connect instead.
     stderr.contains("could not reach the coordinator")

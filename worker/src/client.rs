@@ -4,9 +4,10 @@
 //! being late is answered by joining again too. Only the end of the run, a stop request or a
 //! real error ends the worker.
 //!
-//! libtorch calls block, so the replica lives on its own thread ([`crate::compute`]); this
-//! async side only moves messages between the connections (the gRPC Session and the data
-//! connection, put back in the coordinator's order) and that thread, and sends the heartbeats.
+//! libtorch calls block, so the replicas live on threads of their own, driven by the compute
+//! thread ([`crate::compute`]); this async side only moves messages between the connections
+//! (the gRPC Session and the data connection, put back in the coordinator's order) and that
+//! thread, and sends the heartbeats.
 
 use std::time::Duration;
 
@@ -31,7 +32,9 @@ use crate::error::{Result, WorkerError};
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub coordinator: String,
-    pub device: Device,
+    /// One replica per device (`--devices`; `--device` is a list of one).
+    pub devices: Vec<Device>,
+    /// libtorch intra-op threads, shared out among the replicas.
     pub threads: usize,
     /// How long to keep trying to reach the coordinator (or a free place in its job) before
     /// giving up.
@@ -136,7 +139,8 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
 
     let job = Job {
         spec,
-        device: config.device,
+        devices: config.devices.clone(),
+        threads: config.threads,
     };
     let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<Command>();
     let compute_out = Outbound {
@@ -275,9 +279,9 @@ async fn join(config: &WorkerConfig) -> Result<(CoordinatorClient<Channel>, pb::
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
             host,
-            device: device::describe(config.device),
+            device: device::describe_all(&config.devices),
             threads: config.threads as u32,
-            replicas: 1,
+            replicas: config.devices.len() as u32,
         })
         .await?
         .into_inner();

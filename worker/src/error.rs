@@ -28,6 +28,10 @@ pub enum WorkerError {
     /// The requested device cannot be used.
     #[error("device: {0}")]
     Device(String),
+    /// A replica's thread failed to start or stopped, or the replicas of this process hold
+    /// different parameters.
+    #[error("replica: {0}")]
+    Replica(String),
     /// The coordinator or this worker broke the protocol, or the session ended unexpectedly.
     #[error("protocol: {0}")]
     Protocol(String),

@@ -7,9 +7,11 @@
 //! - [`client`]: Join, shard download and the Session stream with the coordinator.
 //! - [`data_link`]: the data connection beside the Session, carrying gradients and
 //!   parameters.
-//! - [`compute`]: the thread that owns the replica and follows the coordinator's steps.
+//! - [`replica_set`]: a worker's replicas (`--devices`), one thread each, computing shards in
+//!   parallel.
+//! - [`compute`]: the thread that drives the replicas and follows the coordinator's steps.
 //! - [`gradient_encoder`]: gradients to wire bytes, bf16 with error feedback when asked.
-//! - [`device`]: `--device` names to libtorch devices.
+//! - [`device`]: `--device` and `--devices` names to libtorch devices.
 //! - [`generate`]: faces from a checkpoint.
 //! - [`error`]: the crate's error type.
 
@@ -23,4 +25,5 @@ pub mod generate;
 pub mod gradient_encoder;
 pub mod model;
 pub mod replica;
+pub mod replica_set;
 pub mod shard;

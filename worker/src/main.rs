@@ -17,9 +17,15 @@ struct Args {
     #[arg(long, env = "FORGER_COORDINATOR")]
     coordinator: Option<String>,
     /// auto, cpu, cuda or cuda:N. `cuda` without a usable GPU is an error.
-    #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
+    #[arg(long, env = "FORGER_DEVICE", default_value = "auto", conflicts_with = "devices")]
     device: String,
-    /// libtorch intra-op threads (default: all cores).
+    /// Several replicas in this one process, computing shards in parallel and sending one
+    /// summed gradient: `all` (one per visible GPU) or a comma list such as cuda:0,cuda:1 or
+    /// cpu,cpu. Instead of --device.
+    #[arg(long, env = "FORGER_DEVICES")]
+    devices: Option<String>,
+    /// libtorch intra-op threads over all replicas, shared out among them (default: all
+    /// cores).
     #[arg(long, env = "FORGER_THREADS")]
     threads: Option<usize>,
     /// How long to keep trying to reach the coordinator, or a free place in its job, before
@@ -162,16 +168,26 @@ fn run(args: Args) -> anyhow::Result<()> {
     let coordinator = args
         .coordinator
         .context("--coordinator URL is required (or FORGER_COORDINATOR)")?;
-    let device = device::resolve(&args.device)?;
+    let devices = match &args.devices {
+        Some(list) => device::resolve_list(list)?,
+        None => vec![device::resolve(&args.device)?],
+    };
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+    if threads < devices.len() {
+        tracing::warn!(
+            threads,
+            replicas = devices.len(),
+            "fewer threads than replicas: each replica gets one"
+        );
+    }
     tch::set_num_threads(threads as i32);
     tch::set_num_interop_threads(1);
     let config = WorkerConfig {
         coordinator,
-        device,
+        devices,
         threads,
         patience: std::time::Duration::from_secs(args.patience_secs),
     };

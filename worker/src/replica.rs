@@ -18,6 +18,15 @@ use crate::model::{self, Discriminator, Generator};
 /// Added inside the cross-entropy's logs, as in the article's TF code.
 const BCE_EPSILON: f64 = 1e-12;
 
+/// Held while seeding libtorch's process-wide generator and drawing from it (dropout masks,
+/// variable initialisation), so that replicas on several threads draw in turn. The backward
+/// passes, most of the work, run in parallel.
+fn random_draws() -> std::sync::MutexGuard<'static, ()> {
+    static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // The guarded data is nothing: a panic while holding it leaves nothing inconsistent.
+    DRAWS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Which network a buffer belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Net {
@@ -77,9 +86,10 @@ pub struct StepBatch {
 
 /// Both networks on one device.
 ///
-/// Dropout masks come from libtorch's process-wide generator, reseeded by each gradient call:
-/// keep one replica per process, and let nothing else draw from that generator while a call
-/// runs, or the masks stop being a function of the seed.
+/// Dropout masks come from libtorch's process-wide generator, reseeded by each gradient call.
+/// Replicas on other threads of the process (`--devices`) take turns at it: every call that
+/// seeds it or draws from it holds `random_draws` meanwhile, so the masks stay a function of
+/// the seed. Nothing else may draw from it while a replica trains.
 #[derive(Debug)]
 pub struct Replica {
     model: ModelSpec,
@@ -111,8 +121,14 @@ impl Replica {
         let mut g_store = nn::VarStore::new(device);
         d_store.set_kind(kind);
         g_store.set_kind(kind);
-        let d = Discriminator::new(&d_store.root(), model, image_size)?;
-        let g = Generator::new(&g_store.root(), model, image_size)?;
+        // The variables' first values are random draws (the coordinator's replace them).
+        let (d, g) = {
+            let _draws = random_draws();
+            (
+                Discriminator::new(&d_store.root(), model, image_size)?,
+                Generator::new(&g_store.root(), model, image_size)?,
+            )
+        };
         let d_layout = layout::discriminator_layout(model, image_size);
         let g_layout = layout::generator_layout(model);
         let d_vars = ordered_variables(&d_store, &d_layout, Net::Discriminator)?;
@@ -341,8 +357,12 @@ impl Replica {
     ) -> Result<Contribution> {
         let (images, noise, samples) = self.inputs(images, noise)?;
         zero_grads(&mut self.d_vars);
-        tch::manual_seed(dropout_seed as i64);
-        let (loss, bn_stats) = self.discriminator_loss(&images, &noise, self.model.dropout)?;
+        let (loss, bn_stats) = {
+            // The forward pass draws the masks; the backward only reads them.
+            let _draws = random_draws();
+            tch::manual_seed(dropout_seed as i64);
+            self.discriminator_loss(&images, &noise, self.model.dropout)?
+        };
         loss.f_backward()?;
         Ok(Contribution {
             gradient: gradients(&self.d_vars)?,
@@ -358,10 +378,13 @@ impl Replica {
         let noise = self.noise_input(noise, None)?;
         let samples = noise.size()[0] as usize;
         zero_grads(&mut self.g_vars);
-        tch::manual_seed(dropout_seed as i64);
         let bn_stats = {
             let _frozen = Frozen::new(&self.d_vars)?;
-            let (loss, bn_stats) = self.generator_loss(&noise, self.model.dropout)?;
+            let (loss, bn_stats) = {
+                let _draws = random_draws();
+                tch::manual_seed(dropout_seed as i64);
+                self.generator_loss(&noise, self.model.dropout)?
+            };
             loss.f_backward()?;
             bn_stats
         };
