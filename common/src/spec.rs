@@ -101,12 +101,15 @@ pub struct TrainSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
-    /// Data shards, each contributing one batch per step; also the most workers that train at
-    /// once. With fewer workers, some hold several shards, so the math of a step never depends
-    /// on how many workers computed it.
+    /// Data shards, each contributing one batch per step; also the most replicas that train at
+    /// once (a worker process runs one, or one per device with `--devices`, and each takes a
+    /// place). With fewer replicas, some compute several shards, so the math of a step never
+    /// depends on how many workers computed it (up to rounding where a worker sums several
+    /// replicas' shards itself).
     #[serde(default = "default_workers")]
     pub workers: u32,
-    /// Below this many workers the run pauses until more join.
+    /// Below this many replicas (summed over the connected workers) the run pauses until more
+    /// join.
     #[serde(default = "default_min_workers")]
     pub min_workers: u32,
     /// At the start, how long the coordinator waits for `min_workers` to join, in seconds.
@@ -116,7 +119,7 @@ pub struct ClusterSpec {
     /// training begins without them (they join at a later step).
     #[serde(default = "default_start_grace_secs")]
     pub start_grace_secs: u64,
-    /// How long one phase may take per shard a worker holds before it is evicted.
+    /// How long one phase may take per shard a replica computes before its worker is evicted.
     #[serde(default = "default_step_timeout_secs")]
     pub step_timeout_secs: u64,
     /// A phase lasting more than this many times the slowest phase of the run so far (per
