@@ -1,15 +1,19 @@
 //! The deployment files under `deploy/` against the built binaries' `--help`: the Kubernetes
-//! manifests and the Slurm script must use only flags and variables the binaries read, and
-//! agree with each other on ports, names, volumes and the number of workers. The negative
-//! tests break one thing in a copy of the real files and expect the checker to name it.
+//! manifests, the docker-compose files (alone and with the GPU override) and the Slurm script
+//! must use only flags and variables the binaries read, and agree with each other on ports,
+//! names, volumes and the number of workers. The negative tests break one thing in a copy of
+//! the real files and expect the checker to name it.
 
 use std::sync::OnceLock;
 
 use forger_tests::manifest_check::cli::Cli;
+use forger_tests::manifest_check::compose::{self, Gpus, Project};
 use forger_tests::manifest_check::{Binary, Container, Problem, check_env_names, check_flags, k8s, report, script};
 use forger_tests::{binary, repo_root};
 
 const SLURM_SCRIPT: &str = "deploy/slurm/forger.sbatch";
+const COMPOSE: &str = "deploy/docker-compose.yml";
+const COMPOSE_GPU: &str = "deploy/compose.gpu.yml";
 
 /// The coordinator's and the worker's command lines, read once from the release binaries.
 fn clis() -> &'static (Cli, Cli) {
@@ -30,19 +34,22 @@ fn k8s_files() -> Vec<(String, String)> {
     files
 }
 
-/// The files with each `(from, to)` applied once to the file ending in `file`; every `from`
+/// `files` with each `(from, to)` applied once to the file ending in `file`; every `from`
 /// must be there, so a test cannot pass by changing nothing.
-fn k8s_files_with(file: &str, edits: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut files = k8s_files();
+fn edited(mut files: Vec<(String, String)>, file: &str, edits: &[(&str, &str)]) -> Vec<(String, String)> {
     let (_, text) = files
         .iter_mut()
         .find(|(name, _)| name.ends_with(file))
-        .unwrap_or_else(|| panic!("no manifest {file}"));
+        .unwrap_or_else(|| panic!("no file {file}"));
     for (from, to) in edits {
         assert!(text.contains(from), "{file} no longer contains `{from}`");
         *text = text.replacen(from, to, 1);
     }
     files
+}
+
+fn k8s_files_with(file: &str, edits: &[(&str, &str)]) -> Vec<(String, String)> {
+    edited(k8s_files(), file, edits)
 }
 
 fn k8s_problems(files: &[(String, String)]) -> Vec<Problem> {
@@ -64,6 +71,37 @@ fn expect_problem<'p>(problems: &'p [Problem], file: &str, object: &str, field: 
                 report(problems)
             )
         })
+}
+
+/// The compose project's files as `docker compose -f` takes them: the base file, then the GPU
+/// override when `gpu`.
+fn compose_files(gpu: bool) -> Vec<(String, String)> {
+    let names: &[&str] = if gpu { &[COMPOSE, COMPOSE_GPU] } else { &[COMPOSE] };
+    names
+        .iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(repo_root().join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
+            (name.to_string(), text)
+        })
+        .collect()
+}
+
+fn compose_files_with(gpu: bool, file: &str, edits: &[(&str, &str)]) -> Vec<(String, String)> {
+    edited(compose_files(gpu), file, edits)
+}
+
+/// Every problem of the project; with `gpu`, also every worker must reserve a GPU.
+fn compose_problems(files: &[(String, String)], gpu: bool) -> Vec<Problem> {
+    let (coordinator, worker) = clis();
+    let project = match Project::load(files) {
+        Ok(project) => project,
+        Err(problem) => return vec![problem],
+    };
+    let mut problems = compose::check(&project, &repo_root(), coordinator, worker);
+    if gpu {
+        problems.extend(compose::check_gpu_workers(&project));
+    }
+    problems
 }
 
 fn slurm_invocations(text: &str) -> Vec<Container> {
@@ -271,4 +309,214 @@ fn a_misspelt_flag_in_the_slurm_script_is_reported() {
     assert_eq!(hit.at.file, SLURM_SCRIPT);
     assert!(hit.at.object.starts_with("forger-worker at line "), "{hit}");
     assert_eq!(hit.at.field, "args");
+}
+
+#[test]
+fn the_compose_files_agree_with_the_binaries_alone_and_with_the_gpu_override() {
+    for gpu in [false, true] {
+        let files = compose_files(gpu);
+        let problems = compose_problems(&files, gpu);
+        let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+        assert!(
+            problems.is_empty(),
+            "{} disagree with the binaries:\n{}",
+            names.join(" + "),
+            report(&problems)
+        );
+    }
+}
+
+#[test]
+fn the_gpu_override_is_merged_into_the_base_file_as_compose_merges_it() {
+    let project = Project::load(&compose_files(true)).expect("read the compose files");
+    let (services, problems) = compose::services(&project);
+    assert!(problems.is_empty(), "{}", report(&problems));
+    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["coordinator", "worker-1", "worker-2", "worker-3"]);
+    for worker in &services[1..] {
+        let env = &worker.container.env;
+        // From the override, through its `<<` merge key and its environment ...
+        assert_eq!(worker.container.image.as_deref(), Some("forger-worker:0.1.0-cuda"));
+        assert_eq!(env["FORGER_DEVICE"].as_deref(), Some("cuda"));
+        assert_eq!(env["FORGER_THREADS"].as_deref(), Some("2"));
+        assert_eq!(worker.gpus, Gpus::Count(1));
+        // ... and from the base file, through its anchor, kept where the override says nothing.
+        assert_eq!(env["FORGER_COORDINATOR"].as_deref(), Some("http://coordinator:50051"));
+        assert_eq!(env["FORGER_PATIENCE_SECS"].as_deref(), Some("300"));
+    }
+    let origin = |field: &str| project.origin("worker-2", field).to_string();
+    assert_eq!(origin("image"), COMPOSE_GPU);
+    assert_eq!(origin("environment[FORGER_DEVICE]"), COMPOSE_GPU);
+    assert_eq!(origin("environment[FORGER_COORDINATOR]"), COMPOSE);
+    assert_eq!(origin("networks"), COMPOSE);
+}
+
+#[test]
+fn a_misspelt_env_name_in_a_compose_file_is_reported_in_that_file() {
+    let files = compose_files_with(false, COMPOSE, &[("FORGER_RESUME: auto", "FORGER_RESUMES: auto")]);
+    expect_problem(
+        &compose_problems(&files, false),
+        COMPOSE,
+        "services.coordinator",
+        "environment[FORGER_RESUMES]",
+        "FORGER_RESUMES is not an environment variable of forger-coordinator",
+    );
+    // A name the override sets is reported in the override, not the base file.
+    let files = compose_files_with(true, COMPOSE_GPU, &[("FORGER_THREADS: \"2\"", "FORGER_THREAD: \"2\"")]);
+    expect_problem(
+        &compose_problems(&files, true),
+        COMPOSE_GPU,
+        "services.worker-1",
+        "environment[FORGER_THREAD]",
+        "FORGER_THREAD is not an environment variable of forger-worker",
+    );
+}
+
+#[test]
+fn a_listen_port_other_than_the_published_one_is_reported() {
+    let files = compose_files_with(
+        false,
+        COMPOSE,
+        &[("FORGER_LISTEN: 0.0.0.0:50051", "FORGER_LISTEN: 0.0.0.0:50052")],
+    );
+    let problems = compose_problems(&files, false);
+    expect_problem(
+        &problems,
+        COMPOSE,
+        "services.coordinator",
+        "ports",
+        "the coordinator listens on port 50052 (environment[FORGER_LISTEN]) but the container declares 50051",
+    );
+    expect_problem(
+        &problems,
+        COMPOSE,
+        "services.worker-3",
+        "environment[FORGER_COORDINATOR]",
+        "dials port 50051, but services.coordinator serves port 50052",
+    );
+}
+
+#[test]
+fn a_coordinator_url_naming_another_service_is_reported() {
+    let files = compose_files_with(false, COMPOSE, &[("http://coordinator:50051", "http://worker-1:50051")]);
+    expect_problem(
+        &compose_problems(&files, false),
+        COMPOSE,
+        "services.worker-2",
+        "environment[FORGER_COORDINATOR]",
+        "dials host worker-1, but the coordinator is reached as coordinator (services.coordinator)",
+    );
+}
+
+#[test]
+fn a_port_published_on_every_interface_is_reported() {
+    for (published, on) in [
+        ("\"0.0.0.0:${FORGER_PORT:-50051}:50051\"", "published on 0.0.0.0"),
+        ("\"${FORGER_PORT:-50051}:50051\"", "published on every interface"),
+    ] {
+        let files = compose_files_with(
+            false,
+            COMPOSE,
+            &[("\"127.0.0.1:${FORGER_PORT:-50051}:50051\"", published)],
+        );
+        expect_problem(
+            &compose_problems(&files, false),
+            COMPOSE,
+            "services.coordinator",
+            "ports[0]",
+            &format!("port 50051 is {on}: bind it to 127.0.0.1"),
+        );
+    }
+}
+
+#[test]
+fn a_gpu_worker_without_a_reservation_is_reported_in_the_override() {
+    let reservation = "    deploy:
+      resources:
+        reservations:
+          devices: [{ driver: nvidia, device_ids: [\"1\"], capabilities: [gpu] }]
+";
+    let files = compose_files_with(true, COMPOSE_GPU, &[(reservation, "")]);
+    let problems = compose_problems(&files, true);
+    expect_problem(
+        &problems,
+        COMPOSE_GPU,
+        "services.worker-2",
+        "deploy.resources.reservations.devices",
+        "reserves no GPU",
+    );
+    // Told `cuda` with no GPU, the worker would not even start.
+    expect_problem(
+        &problems,
+        COMPOSE_GPU,
+        "services.worker-2",
+        "environment[FORGER_DEVICE]",
+        "`cuda`, but the container reserves no GPU",
+    );
+}
+
+#[test]
+fn a_gpu_worker_on_the_plain_image_or_off_cuda_is_reported() {
+    let files = compose_files_with(
+        true,
+        COMPOSE_GPU,
+        &[
+            (
+                "image: forger-worker:${FORGER_TAG:-0.1.0}-cuda",
+                "image: forger-worker:${FORGER_TAG:-0.1.0}",
+            ),
+            ("FORGER_DEVICE: cuda", "FORGER_DEVICE: auto"),
+        ],
+    );
+    let problems = compose_problems(&files, true);
+    expect_problem(
+        &problems,
+        COMPOSE_GPU,
+        "services.worker-3",
+        "image",
+        "forger-worker:0.1.0 is given GPUs but is not the worker's GPU variant",
+    );
+    expect_problem(
+        &problems,
+        COMPOSE_GPU,
+        "services.worker-1",
+        "environment[FORGER_DEVICE]",
+        "`auto`, but the container reserves GPUs",
+    );
+}
+
+#[test]
+fn a_compose_run_directory_mounted_read_only_is_reported() {
+    let files = compose_files_with(
+        false,
+        COMPOSE,
+        &[("forger-run}:/var/lib/forger/run", "forger-run}:/var/lib/forger/run:ro")],
+    );
+    expect_problem(
+        &compose_problems(&files, false),
+        COMPOSE,
+        "services.coordinator",
+        "volumes[2]",
+        "/var/lib/forger/run holds the run directory /var/lib/forger/run (environment[FORGER_OUT]) but is mounted read-only",
+    );
+}
+
+#[test]
+fn compose_replicas_count_towards_the_spec_s_workers() {
+    let files = compose_files_with(
+        false,
+        COMPOSE,
+        &[(
+            "worker-3: *worker",
+            "worker-3:\n    <<: *worker\n    deploy: { replicas: 2 }",
+        )],
+    );
+    expect_problem(
+        &compose_problems(&files, false),
+        "deploy/faces-small.toml",
+        "job spec",
+        "cluster.workers",
+        "cluster.workers = 3 but 4 replica(s) are deployed (services.worker-1: 1 process(es) x 1 replica(s), \
+         services.worker-2: 1 process(es) x 1 replica(s), services.worker-3: 2 process(es) x 1 replica(s))",
+    );
 }

@@ -547,7 +547,7 @@ pub fn check_kustomization(objects: &[Object], files: &[(String, String)]) -> Ve
     problems
 }
 
-fn list(value: &Yaml) -> &[Yaml] {
+pub(super) fn list(value: &Yaml) -> &[Yaml] {
     value.as_vec().map_or(&[], Vec::as_slice)
 }
 
@@ -555,7 +555,7 @@ fn strings(value: &Yaml) -> Vec<String> {
     list(value).iter().filter_map(scalar).collect()
 }
 
-fn scalar(value: &Yaml) -> Option<String> {
+pub(super) fn scalar(value: &Yaml) -> Option<String> {
     match value {
         Yaml::String(s) | Yaml::Real(s) => Some(s.clone()),
         Yaml::Integer(n) => Some(n.to_string()),

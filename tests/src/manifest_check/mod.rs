@@ -9,12 +9,14 @@
 //!
 //! Every deployment format is reduced to the same [`Container`]: a binary, its environment,
 //! its arguments and its volume mounts. [`k8s`] reads Kubernetes manifests into containers,
+//! [`compose`] reads docker-compose files (an override merged in as Compose merges it),
 //! [`script`] finds the invocations in a shell script, and [`cli`] reads what a binary
 //! accepts; the checks here and in `endpoints` (ports and addresses) work on containers
-//! alone, so a docker-compose reader can reuse them. Each problem names the file, the object
-//! and the field to fix.
+//! alone, so every reader shares them. Each problem names the file, the object and the field
+//! to fix.
 
 pub mod cli;
+pub mod compose;
 mod endpoints;
 pub mod k8s;
 pub mod script;
@@ -148,8 +150,11 @@ pub struct Container {
     pub binary: Binary,
     /// The image it runs, where the file names one.
     pub image: Option<String>,
-    /// Each variable's value; `None` when it is filled in elsewhere (Kubernetes' `valueFrom`).
+    /// Each variable's value; `None` when it is filled in elsewhere (Kubernetes' `valueFrom`,
+    /// a compose variable given no value, which the host's environment fills).
     pub env: BTreeMap<String, Option<String>>,
+    /// The field the environment came from, below `at` (`env`, or compose's `environment`).
+    pub env_field: String,
     /// The arguments after the executable.
     pub args: Vec<String>,
     /// The field the arguments came from, below `at` (`args`, or `command` when it holds them).
@@ -176,6 +181,7 @@ impl Container {
             binary,
             image: None,
             env: BTreeMap::new(),
+            env_field: "env".into(),
             args: Vec::new(),
             args_field: "args".into(),
             ports: Vec::new(),
@@ -185,7 +191,7 @@ impl Container {
     }
 
     fn env_at(&self, name: &str) -> Location {
-        self.at.child(&format!("env[{name}]"))
+        self.at.child(&format!("{}[{name}]", self.env_field))
     }
 
     fn args_at(&self) -> Location {

@@ -86,7 +86,7 @@ fn logical_lines(text: &str) -> Vec<(usize, Vec<String>)> {
 
 /// Splits a line into words outside quotes, removing the quotes; `#` starting a word
 /// outside quotes begins a comment. A trailing `;` or `&` becomes its own word.
-fn words(line: &str) -> Vec<String> {
+pub(super) fn words(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut in_word = false;
