@@ -239,6 +239,21 @@ mod tests {
     }
 
     #[test]
+    fn each_replica_computes_with_its_share_of_the_threads() {
+        let model = ModelSpec {
+            d_filters: vec![4, 2, 2],
+            g_filters: vec![4, 2, 2],
+            ..ModelSpec::default()
+        };
+        let set = ReplicaSet::start(&model, 8, &[Device::Cpu, Device::Cpu], 3).unwrap();
+        // libtorch's count is per thread: set on one replica's thread, it stays there.
+        let threads = set
+            .each(|_| -> Job<i32> { Box::new(|_| Ok(tch::get_num_threads())) })
+            .unwrap();
+        assert_eq!(threads, vec![2, 1]);
+    }
+
+    #[test]
     fn a_failing_job_is_an_error_and_the_replica_works_on() {
         let model = ModelSpec {
             d_filters: vec![4, 2, 2],
