@@ -494,8 +494,8 @@ impl Trainer {
 
     /// The deadline of a phase starting now: `step_timeout_secs` per shard a replica computes,
     /// or sooner once the run has shown how long a phase takes: `stall_factor` times the
-    /// slowest phase so far (per shard, at least `STALL_FLOOR`). A live worker whose computation is stuck still sends
-    /// heartbeats; this is what catches it.
+    /// slowest phase so far (per shard, at least `STALL_FLOOR`). A live worker whose
+    /// computation is stuck still sends heartbeats; this is what catches it.
     fn phase_deadline(&self) -> Instant {
         let most = self.most_shards();
         let fixed = Duration::from_secs(self.spec.cluster.step_timeout_secs) * most;
