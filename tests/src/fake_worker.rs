@@ -260,21 +260,40 @@ impl FakeWorker {
     /// as a real worker slices its encoded gradient.
     pub async fn upload_encoded(
         &self,
-        (step, attempt): (u64, u32),
+        at: (u64, u32),
         phase: pb::Phase,
         shard: u32,
         encoded: Bytes,
         samples: u32,
         bn_stats: Vec<f32>,
     ) {
+        let mut bn_stats = Some(bn_stats);
+        self.send_chunks(at, phase, shard, encoded, |chunk, _, last| {
+            if last {
+                chunk.samples = samples;
+                chunk.bn_batch_stats = bn_stats.take().unwrap();
+            }
+        })
+        .await;
+    }
+
+    /// Slices `encoded` into chunks as a real worker slices its encoded gradient; `ends` adds
+    /// what the first and the last chunk carry beside the values.
+    async fn send_chunks(
+        &self,
+        (step, attempt): (u64, u32),
+        phase: pb::Phase,
+        shard: u32,
+        encoded: Bytes,
+        mut ends: impl FnMut(&mut pb::GradientChunk, bool, bool),
+    ) {
         let value_bytes = self.spec.cluster.gradient_compression.value_bytes();
         let len = encoded.len() / value_bytes;
         let chunks = len.div_ceil(CHUNK_VALUES);
-        let mut bn_stats = Some(bn_stats);
         for c in 0..chunks {
             let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(len);
             let last = c + 1 == chunks;
-            let chunk = pb::GradientChunk {
+            let mut chunk = pb::GradientChunk {
                 step,
                 attempt,
                 phase: phase as i32,
@@ -282,10 +301,9 @@ impl FakeWorker {
                 offset: range.start as u64,
                 values: encoded.slice(range.start * value_bytes..range.end * value_bytes),
                 last,
-                samples: if last { samples } else { 0 },
-                bn_batch_stats: if last { bn_stats.take().unwrap() } else { Vec::new() },
-                group: Vec::new(),
+                ..Default::default()
             };
+            ends(&mut chunk, c == 0, last);
             self.link.send.send(chunk).await.expect("data connection open");
         }
     }
@@ -328,33 +346,22 @@ impl FakeWorker {
     /// first chunk as it is, however wrong; the group's first listed shard names the upload.
     pub async fn upload_group_encoded(
         &self,
-        (step, attempt): (u64, u32),
+        at: (u64, u32),
         phase: pb::Phase,
         group: Vec<pb::GroupShard>,
         encoded: Bytes,
     ) {
-        let value_bytes = self.spec.cluster.gradient_compression.value_bytes();
-        let len = encoded.len() / value_bytes;
-        let chunks = len.div_ceil(CHUNK_VALUES);
         let (shard, total) = (group[0].shard, group.iter().map(|g| g.samples).sum::<u32>());
         let mut group = Some(group);
-        for c in 0..chunks {
-            let range = c * CHUNK_VALUES..((c + 1) * CHUNK_VALUES).min(len);
-            let last = c + 1 == chunks;
-            let chunk = pb::GradientChunk {
-                step,
-                attempt,
-                phase: phase as i32,
-                shard,
-                offset: range.start as u64,
-                values: encoded.slice(range.start * value_bytes..range.end * value_bytes),
-                last,
-                samples: if last { total } else { 0 },
-                bn_batch_stats: Vec::new(),
-                group: group.take().unwrap_or_default(),
-            };
-            self.link.send.send(chunk).await.expect("data connection open");
-        }
+        self.send_chunks(at, phase, shard, encoded, |chunk, first, last| {
+            if first {
+                chunk.group = group.take().unwrap_or_default();
+            }
+            if last {
+                chunk.samples = total;
+            }
+        })
+        .await;
     }
 
     /// Sends one frame on the data connection as it is, however wrong.
