@@ -40,8 +40,10 @@ fi
 base_id="$(docker image inspect --format '{{.Id}}' "$base" 2>/dev/null)" ||
   { echo "error: the base image $base is not present (pull it, or leave --base out)" >&2; exit 1; }
 
-contexts="$FORGER_CACHE/images/context"
-rm -rf "$contexts"
+# A folder of this build's own, so that two builds sharing the cache do not meet.
+mkdir -p "$FORGER_CACHE/images"
+contexts="$(mktemp -d "$FORGER_CACHE/images/context.XXXXXX")"
+trap 'rm -rf "$contexts"' EXIT
 mkdir -p "$contexts/coordinator/bin" "$contexts/worker/bin" "$contexts/worker/lib" "$contexts/worker/lib-gpu"
 
 # A hard link costs nothing where the cache and the build share a file system.

@@ -12,6 +12,7 @@
 //! - `run_dir`: checkpoints, samples, metrics; `local`: `--local-workers`.
 
 mod assignment;
+mod completed;
 mod data_link;
 pub use forger_common::dataset;
 mod error;

@@ -55,7 +55,7 @@ impl LocalCluster {
                 .arg(&config.device)
                 // A local worker belongs to this coordinator and ends with it: when a stopped
                 // run tells workers to wait for a resumed coordinator, it leaves instead.
-                .args(["--patience-secs", "0"])
+                .arg("--leave-when-stopped")
                 .stdin(Stdio::null())
                 .kill_on_drop(true)
                 .spawn()

@@ -71,7 +71,7 @@ impl Peer {
 
     /// Sends a Shutdown without waiting; a worker acts on it at once, whatever came before.
     fn try_shutdown(&self, reason: &str, rejoin: bool) {
-        let mut message = shutdown_message(reason, rejoin);
+        let mut message = shutdown_message(reason, rejoin, false);
         message.data_frames_before = self.data_sent.load(Ordering::Relaxed);
         if self.outbound.try_send(Ok(message)).is_ok() {
             self.session_sent.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +244,8 @@ impl Peers {
     /// `rejoin` tells them to keep dialing this address (within their patience), for a run
     /// that may be resumed.
     pub async fn dismiss_all(&mut self, reason: &str, rejoin: bool) {
-        let message = shutdown_message(reason, rejoin);
+        // Only a stopped run dismisses everyone with an invitation to come back.
+        let message = shutdown_message(reason, rejoin, rejoin);
         for peer in &self.peers {
             let _ = tokio::time::timeout(Duration::from_secs(1), peer.deliver(message.clone())).await;
         }
@@ -437,9 +438,10 @@ impl Peers {
     }
 }
 
-fn shutdown_message(reason: &str, rejoin: bool) -> pb::CoordinatorMessage {
+fn shutdown_message(reason: &str, rejoin: bool, stopped: bool) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage::of(pb::coordinator_message::Kind::Shutdown(pb::Shutdown {
         reason: reason.to_string(),
         rejoin,
+        stopped,
     }))
 }

@@ -101,6 +101,10 @@ pub async fn serve(
             steps = spec.train.steps,
             "the checkpoint already reaches train.steps: nothing to train (raise train.steps to continue)"
         );
+        // Workers started beside this coordinator are told the run is over, so they leave
+        // instead of dialing until their patience runs out.
+        let linger = Duration::from_secs(spec.cluster.start_grace_secs);
+        crate::completed::answer_workers(listener, state.step, linger, shutdown).await;
         return Ok(RunSummary {
             step: state.step,
             ..RunSummary::default()
@@ -193,7 +197,10 @@ pub async fn serve(
         Err(CoordinatorError::Interrupted { .. }) => {
             // Like a stop mid-run: the workers wait for the coordinator to come back.
             trainer
-                .dismiss("the coordinator was stopped before training began; it may be resumed", true)
+                .dismiss(
+                    "the coordinator was stopped before training began; it may be resumed",
+                    true,
+                )
                 .await;
             Ok(RunSummary {
                 step: resumed_from,

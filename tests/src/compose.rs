@@ -36,9 +36,7 @@ fn compose_program() -> Vec<String> {
 
 /// Runs a command, panicking with its output if it fails.
 fn run(command: &mut Command, what: &str) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     assert!(
         output.status.success(),
         "{what} failed ({}):\n{}\n{}",
@@ -135,7 +133,10 @@ impl ComposeProject {
 
     /// `docker kill` (SIGKILL) of a service's container.
     pub fn kill(&self, service: &str) {
-        run(Command::new("docker").args(["kill", &self.container(service)]), "docker kill");
+        run(
+            Command::new("docker").args(["kill", &self.container(service)]),
+            "docker kill",
+        );
     }
 
     /// Waits for a service's container to stop, within `limit`; returns its state.

@@ -205,6 +205,62 @@ fn the_main_command_trains_with_local_workers() {
     assert!(run.join("samples/step-00000003.png").is_file());
 }
 
+/// A coordinator started again on a complete run (as `docker compose up` does a second time)
+/// has nothing to train; the worker started beside it must be told so and leave with success,
+/// not dial until its patience runs out, and `--resume=auto` must not start the run afresh.
+#[test]
+fn a_worker_of_a_run_that_is_already_complete_is_told_so_and_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        "version = 1\n[data]\npath = \"overridden-by-flag\"\nlimit = 64\n[model]\nd_filters = [8, 4, 4]\ng_filters = [8, 4, 4]\n\
+         [train]\nsteps = 2\n[cluster]\nworkers = 2\nstart_grace_secs = 3\n[checkpoint]\nevery = 2\nsamples = 4\n",
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let out = local_cluster_command(&spec, &run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let address = forger_tests::processes::free_local_address();
+    let coordinator = Command::new(binary("forger-coordinator"))
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--data")
+        .arg(shared_faces())
+        .arg("--out")
+        .arg(&run)
+        .args(["--listen", &address, "--resume=auto"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let worker = Command::new(binary("forger-worker"))
+        .args([
+            "--coordinator",
+            &format!("http://{address}"),
+            "--device",
+            "cpu",
+            "--patience-secs",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    let worker_log = String::from_utf8_lossy(&worker.stderr);
+    assert!(worker.status.success(), "{worker_log}");
+    assert!(worker_log.contains("nothing left to train"), "{worker_log}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the worker took {:?} to learn the run is over",
+        started.elapsed()
+    );
+    let out = coordinator.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("finished at step 2"), "{stderr}");
+    assert_eq!(metric_lines(&run).len(), 2, "nothing trained again");
+}
+
 /// Ctrl-C in a terminal signals the coordinator's whole process group. The coordinator must
 /// finish the step, checkpoint and dismiss its local workers (which live in groups of their
 /// own, so the signal does not kill them mid-step), and `--resume` must carry on.
@@ -255,6 +311,10 @@ fn ctrl_c_stops_cleanly_with_a_checkpoint_and_resume_finishes() {
     let status = child.wait().unwrap();
     let stderr = reader.join().unwrap();
     assert!(status.success(), "{stderr}");
+    // The local workers (their logs go to the coordinator's stderr) leave with it instead of
+    // waiting for a resumed coordinator, and without an error.
+    assert_eq!(stderr.matches("leaving with it").count(), 2, "{stderr}");
+    assert!(!stderr.contains("error:"), "{stderr}");
     let stopped_at: u64 = stderr
         .split("stopped at step ")
         .nth(1)

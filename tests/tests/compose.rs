@@ -28,7 +28,10 @@ fn short_spec(dir: &Path) -> std::path::PathBuf {
         .replace("keep = 3", "keep = 20")
         .replace("image_size = 40", "image_size = 40\nlimit = 480");
     let spec = forger_common::spec::JobSpec::parse(&text, "compose test spec").expect("the shortened spec is valid");
-    assert_eq!((spec.train.steps, spec.checkpoint.every, spec.data.limit), (STEPS, 10, 480));
+    assert_eq!(
+        (spec.train.steps, spec.checkpoint.every, spec.data.limit),
+        (STEPS, 10, 480)
+    );
     let path = dir.join("spec.toml");
     std::fs::write(&path, text).unwrap();
     path
@@ -68,7 +71,10 @@ fn compose_cluster_survives_a_killed_worker_and_a_restarted_coordinator() {
         &[
             ("FORGER_SPEC_FILE", spec.display().to_string()),
             ("FORGER_RUN_DIR", run.display().to_string()),
-            ("FORGER_DATA_DIR", shared_faces().canonicalize().unwrap().display().to_string()),
+            (
+                "FORGER_DATA_DIR",
+                shared_faces().canonicalize().unwrap().display().to_string(),
+            ),
             ("FORGER_PORT", port),
         ],
         dir.path(),

@@ -749,7 +749,10 @@ async fn a_stop_while_waiting_for_workers_ends_at_once_and_dismisses_who_came() 
         panic!("expected Shutdown")
     };
     assert!(s.reason.contains("stopped"), "{}", s.reason);
-    assert!(s.rejoin, "a stopped run's workers wait for it to be resumed");
+    assert!(
+        s.rejoin && s.stopped,
+        "a stopped run's workers wait for it to be resumed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

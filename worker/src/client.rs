@@ -39,14 +39,18 @@ pub struct WorkerConfig {
     /// How long to keep trying to reach the coordinator (or a free place in its job) before
     /// giving up.
     pub patience: Duration,
+    /// Leave, instead of waiting for it, when the coordinator stops the run to resume it later:
+    /// for workers that belong to one coordinator process (`--local-workers`).
+    pub leave_when_stopped: bool,
 }
 
 /// How a session ended without an error.
 enum Ended {
     /// The run is over, or this worker was dismissed for good.
     Finished,
-    /// Evicted (late or out of step); joining again is welcome.
-    Rejoin(String),
+    /// Evicted (late or out of step), or the run stopped to be resumed (`stopped`); joining
+    /// again is welcome.
+    Rejoin { reason: String, stopped: bool },
     /// The compute thread stopped first; its result says why.
     ComputeStopped,
 }
@@ -67,10 +71,19 @@ pub async fn run(config: WorkerConfig, leave: watch::Receiver<bool>) -> Result<(
         }
         match session(&config, leave.clone()).await {
             Ok(Ended::Finished | Ended::ComputeStopped) => return Ok(()),
-            Ok(Ended::Rejoin(reason)) => {
+            Ok(Ended::Rejoin { reason, stopped: true }) if config.leave_when_stopped => {
+                info!(%reason, "the coordinator stopped the run; leaving with it (--leave-when-stopped)");
+                return Ok(());
+            }
+            Ok(Ended::Rejoin { reason, .. }) => {
                 warn!(%reason, "the coordinator let this worker go; joining again");
                 lost_since = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(WorkerError::Status(status)) if status.code() == tonic::Code::OutOfRange => {
+                // A coordinator started on a run that is already complete says so.
+                info!(reason = %status.message(), "the coordinator has nothing left to train; leaving");
+                return Ok(());
             }
             Err(e) if e.is_transient() => {
                 let since = *lost_since.get_or_insert_with(Instant::now);
@@ -212,7 +225,10 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
                 // A Shutdown is acted on at once, whatever was sent before it.
                 if let Some(In::Shutdown(shutdown)) = &message.kind {
                     let ended = if shutdown.rejoin && leave_deadline.is_none() {
-                        Ended::Rejoin(shutdown.reason.clone())
+                        Ended::Rejoin {
+                            reason: shutdown.reason.clone(),
+                            stopped: shutdown.stopped,
+                        }
                     } else {
                         Ended::Finished
                     };

@@ -32,6 +32,10 @@ struct Args {
     /// giving up (also after losing it mid-run), in seconds.
     #[arg(long, env = "FORGER_PATIENCE_SECS", default_value_t = 300)]
     patience_secs: u64,
+    /// Leave when the coordinator stops the run, instead of waiting for it to be resumed (the
+    /// coordinator passes this to its --local-workers, which end with it).
+    #[arg(long, env = "FORGER_LEAVE_WHEN_STOPPED")]
+    leave_when_stopped: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +194,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         devices,
         threads,
         patience: std::time::Duration::from_secs(args.patience_secs),
+        leave_when_stopped: args.leave_when_stopped,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
