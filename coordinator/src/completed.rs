@@ -14,6 +14,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
+use crate::service::BoxStream;
+
 #[derive(Debug, Clone)]
 struct CompletedRun {
     message: String,
@@ -24,8 +26,6 @@ impl CompletedRun {
         Err(Status::out_of_range(self.message.clone()))
     }
 }
-
-type BoxStream<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CompletedRun {

@@ -240,12 +240,11 @@ impl Peers {
         true
     }
 
-    /// Tells every worker to leave for good; one that is already gone is not an error here.
-    /// `rejoin` tells them to keep dialing this address (within their patience), for a run
-    /// that may be resumed.
-    pub async fn dismiss_all(&mut self, reason: &str, rejoin: bool) {
-        // Only a stopped run dismisses everyone with an invitation to come back.
-        let message = shutdown_message(reason, rejoin, rejoin);
+    /// Tells every worker to leave; one that is already gone is not an error here. A run
+    /// `stopped` to be resumed asks them to keep dialing this address (within their
+    /// patience) instead of leaving for good.
+    pub async fn dismiss_all(&mut self, reason: &str, stopped: bool) {
+        let message = shutdown_message(reason, stopped, stopped);
         for peer in &self.peers {
             let _ = tokio::time::timeout(Duration::from_secs(1), peer.deliver(message.clone())).await;
         }

@@ -288,7 +288,9 @@ impl StreamingMean {
         std::mem::swap(&mut self.sum, other);
     }
 
-    /// Takes one chunk of `shard`'s one-shard upload: [`StreamingMean::take`] without a group.
+    /// Takes one chunk of `shard`'s one-shard upload: [`StreamingMean::take`] without a group
+    /// (for the tests, which mostly send one-shard uploads).
+    #[cfg(test)]
     pub fn accept(
         &mut self,
         shard: u32,

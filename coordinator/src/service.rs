@@ -62,7 +62,8 @@ impl CoordinatorService {
     }
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// A server-streaming reply, whichever stream produces it.
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {

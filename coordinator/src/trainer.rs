@@ -290,10 +290,10 @@ impl Trainer {
         self.settle().await
     }
 
-    /// Tells every connected worker to leave; `rejoin` asks them to wait for this
-    /// coordinator to come back.
-    pub async fn dismiss(&mut self, reason: &str, rejoin: bool) {
-        self.peers.dismiss_all(reason, rejoin).await;
+    /// Tells every connected worker to leave; for a run `stopped` to be resumed, to wait for
+    /// this coordinator to come back.
+    pub async fn dismiss(&mut self, reason: &str, stopped: bool) {
+        self.peers.dismiss_all(reason, stopped).await;
     }
 
     /// Runs every remaining step, then checkpoints and dismisses the workers.
@@ -315,7 +315,7 @@ impl Trainer {
                 // A stopped run is checkpointed to be resumed, often by a supervisor that
                 // restarts the coordinator at once (compose, Kubernetes): its workers wait
                 // for it rather than leave, so nobody has to restart them on every node.
-                let (reason, event, rejoin) = if summary.interrupted {
+                let (reason, event, stopped) = if summary.interrupted {
                     (
                         "the run was stopped; it may be resumed at this address",
                         "stopped",
@@ -327,7 +327,7 @@ impl Trainer {
                 let workers = self.peers.all().len();
                 self.history
                     .record(summary.step, event, serde_json::json!({ "workers_dismissed": workers }));
-                self.peers.dismiss_all(reason, rejoin).await;
+                self.peers.dismiss_all(reason, stopped).await;
             }
             Err(e) => {
                 // Keep what was computed: the state is that of the last completed step, and no
