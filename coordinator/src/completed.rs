@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use forger_proto::pb;
+use forger_proto::tls::ServerSecurity;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
@@ -51,6 +51,7 @@ impl pb::coordinator_server::Coordinator for CompletedRun {
 /// `shutdown` cuts it short.
 pub async fn answer_workers(
     listener: TcpListener,
+    security: ServerSecurity,
     step: u64,
     linger: Duration,
     shutdown: impl std::future::Future<Output = ()>,
@@ -60,8 +61,12 @@ pub async fn answer_workers(
     };
     info!(seconds = linger.as_secs(), "answering workers that the run is complete");
     let server = tonic::transport::Server::builder()
-        .add_service(pb::coordinator_server::CoordinatorServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        // Only to those with the job's credentials: even "the run is over" is not for strangers.
+        .add_service(pb::coordinator_server::CoordinatorServer::with_interceptor(
+            service,
+            security.require_token(),
+        ))
+        .serve_with_incoming_shutdown(crate::listener::route(listener, None, security), async {
             tokio::select! {
                 _ = tokio::time::sleep(linger) => {},
                 _ = shutdown => {},

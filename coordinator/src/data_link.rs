@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use forger_common::wire::CHUNK_VALUES;
+use forger_proto::connection::Connection;
 use forger_proto::data::{self, FrameError, FrameReader};
 use forger_proto::{PROTOCOL_VERSION, pb};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -26,8 +26,8 @@ const MAX_PAYLOAD: usize = CHUNK_VALUES * 4;
 /// Reads a new data connection's hello and, when the worker and its token check out, welcomes
 /// it and parks it in the registry until the worker's Session opens. A refusal is sent to the
 /// worker before the connection closes.
-pub async fn accept(mut stream: TcpStream, registry: Registry) {
-    let from = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+pub async fn accept(mut stream: Connection, registry: Registry) {
+    let from = stream.peer();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(e)) => return refuse(stream, &from, &format!("a bad hello: {e}")).await,
@@ -55,7 +55,7 @@ pub async fn accept(mut stream: TcpStream, registry: Registry) {
     }
 }
 
-async fn read_hello(stream: &mut TcpStream) -> Result<pb::DataHello, FrameError> {
+async fn read_hello(stream: &mut Connection) -> Result<pb::DataHello, FrameError> {
     let mut reader = FrameReader::handshake(stream);
     reader.read_magic().await?;
     match reader.read::<pb::DataHello>().await? {
@@ -64,7 +64,7 @@ async fn read_hello(stream: &mut TcpStream) -> Result<pb::DataHello, FrameError>
     }
 }
 
-async fn refuse(mut stream: TcpStream, from: &str, refusal: &str) {
+async fn refuse(mut stream: Connection, from: &str, refusal: &str) {
     warn!(%from, %refusal, "refused a data connection");
     let welcome = pb::DataWelcome {
         refusal: refusal.to_string(),
@@ -80,8 +80,8 @@ pub fn queue() -> (mpsc::Sender<pb::ParamsChunk>, mpsc::Receiver<pb::ParamsChunk
 /// Starts moving frames on a connected worker's data connection: gradient frames become
 /// `Inbound::Message`s, and chunks put in `queue` are sent (their `values` as the payload).
 /// When the trainer drops the queue's sender, the connection closes.
-pub fn spawn(stream: TcpStream, worker: u64, events: mpsc::Sender<Inbound>, queue: mpsc::Receiver<pb::ParamsChunk>) {
-    let (read, write) = stream.into_split();
+pub fn spawn(stream: Connection, worker: u64, events: mpsc::Sender<Inbound>, queue: mpsc::Receiver<pb::ParamsChunk>) {
+    let (read, write) = tokio::io::split(stream);
     let reader = tokio::spawn(read_gradients(read, worker, events.clone()));
     tokio::spawn(async move {
         let failure = write_params(write, queue).await;
@@ -95,7 +95,7 @@ pub fn spawn(stream: TcpStream, worker: u64, events: mpsc::Sender<Inbound>, queu
     });
 }
 
-async fn read_gradients(read: OwnedReadHalf, worker: u64, events: mpsc::Sender<Inbound>) {
+async fn read_gradients(read: ReadHalf<Connection>, worker: u64, events: mpsc::Sender<Inbound>) {
     let mut frames = FrameReader::new(read, MAX_PAYLOAD);
     let reason = loop {
         match frames.read::<pb::GradientChunk>().await {
@@ -120,10 +120,15 @@ async fn read_gradients(read: OwnedReadHalf, worker: u64, events: mpsc::Sender<I
     let _ = events.send(Inbound::Closed { worker, reason }).await;
 }
 
-async fn write_params(mut write: OwnedWriteHalf, mut queue: mpsc::Receiver<pb::ParamsChunk>) -> Result<(), FrameError> {
+async fn write_params(
+    mut write: WriteHalf<Connection>,
+    mut queue: mpsc::Receiver<pb::ParamsChunk>,
+) -> Result<(), FrameError> {
     while let Some(mut chunk) = queue.recv().await {
         let payload = std::mem::take(&mut chunk.values);
         data::write_frame(&mut write, &chunk, &payload).await?;
     }
+    // Over TLS this says goodbye properly (close_notify).
+    let _ = write.shutdown().await;
     Ok(())
 }

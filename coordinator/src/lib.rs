@@ -10,9 +10,11 @@
 //! - `assignment`: which worker holds which data shards.
 //! - `trainer`: the step loop; `reduce`: chunk assembly and rank-order averaging.
 //! - `run_dir`: checkpoints, samples, metrics; `local`: `--local-workers`.
+//! - [`credentials`]: a new cluster's CA, certificates and job token.
 
 mod assignment;
 mod completed;
+pub mod credentials;
 mod data_link;
 pub use forger_common::dataset;
 mod error;
@@ -28,5 +30,5 @@ pub mod trainer;
 
 pub use error::{CoordinatorError, Result};
 pub use local::LocalWorkers;
-pub use start::{Resume, ServeConfig, serve};
+pub use start::{Resume, Security, ServeConfig, serve};
 pub use trainer::RunSummary;

@@ -1,12 +1,16 @@
 //! The coordinator's one port serves two kinds of connection: gRPC (Join, FetchShard and the
-//! Session) and the workers' data connections. Each accepted connection is told apart by its
-//! first byte, without consuming it, and handed to the gRPC server or to
-//! [`data_link::accept`]. One port keeps deployment simple: one address to give workers, one
-//! port to open in a firewall or publish from a container.
+//! Session) and the workers' data connections. One port keeps deployment simple: one address
+//! to give workers, one port to open in a firewall or publish from a container.
+//!
+//! Over TLS the two are told apart by the protocol the client named in the handshake (ALPN);
+//! on an `--insecure` port, by the first byte, peeked without consuming it.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use forger_proto::connection::Connection;
 use forger_proto::data::DATA_MAGIC;
+use forger_proto::tls::{ALPN_DATA, ServerSecurity};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,12 +19,19 @@ use tracing::{debug, warn};
 use crate::data_link;
 use crate::registry::Registry;
 
-/// How long a new connection may take to send its first bytes.
+/// How long a new connection may take to finish its TLS handshake or send its first bytes.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS connection opens with a handshake record, whose first byte is 22.
+const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
 /// Accepts connections until the returned stream (the gRPC server's incoming connections)
-/// is dropped.
-pub fn route(listener: TcpListener, registry: Registry) -> ReceiverStream<std::io::Result<TcpStream>> {
+/// is dropped. Data connections go to `registry`; without one (a coordinator that only
+/// answers that the run is over) they are closed.
+pub fn route(
+    listener: TcpListener,
+    registry: Option<Registry>,
+    security: ServerSecurity,
+) -> ReceiverStream<std::io::Result<Connection>> {
     let (grpc, incoming) = mpsc::channel(16);
     tokio::spawn(async move {
         loop {
@@ -29,9 +40,9 @@ pub fn route(listener: TcpListener, registry: Registry) -> ReceiverStream<std::i
                 _ = grpc.closed() => return,
             };
             match stream {
-                Ok((stream, _)) => {
-                    let (grpc, registry) = (grpc.clone(), registry.clone());
-                    tokio::spawn(async move { dispatch(stream, grpc, registry).await });
+                Ok((stream, peer)) => {
+                    let (grpc, registry, security) = (grpc.clone(), registry.clone(), security.clone());
+                    tokio::spawn(async move { dispatch(stream, peer, grpc, registry, security).await });
                 }
                 Err(e) => {
                     // Out of file descriptors, say: the listener itself is fine, so wait and go on.
@@ -44,22 +55,89 @@ pub fn route(listener: TcpListener, registry: Registry) -> ReceiverStream<std::i
     ReceiverStream::new(incoming)
 }
 
-async fn dispatch(stream: TcpStream, grpc: mpsc::Sender<std::io::Result<TcpStream>>, registry: Registry) {
+/// Where an accepted connection goes once its kind is known.
+enum Kind {
+    Grpc,
+    Data,
+}
+
+async fn dispatch(
+    stream: TcpStream,
+    peer: SocketAddr,
+    grpc: mpsc::Sender<std::io::Result<Connection>>,
+    registry: Option<Registry>,
+    security: ServerSecurity,
+) {
     // Nagle's algorithm would hold the last small frames of a phase until the peer's delayed
     // ACK; tonic's own `tcp_nodelay` applies only to listeners it binds itself.
     if let Err(e) = stream.set_nodelay(true) {
         debug!(error = %e, "a connection closed as it was accepted");
         return;
     }
-    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, first_byte(&stream)).await {
-        // HTTP/2 opens with "PRI * HT": one byte tells the two apart, and the data connection's
-        // handshake reads the rest of its magic under its own timeout.
-        Ok(Ok(byte)) if byte == DATA_MAGIC[0] => data_link::accept(stream, registry).await,
-        Ok(Ok(_)) => {
-            let _ = grpc.send(Ok(stream)).await;
+    let local = stream.local_addr().ok();
+    let opened = tokio::time::timeout(FIRST_BYTES_TIMEOUT, open(stream, local, peer, &security)).await;
+    let (kind, connection) = match opened {
+        Ok(Ok(opened)) => opened,
+        // A port probe (a load balancer's, a health check's) connects and closes at once.
+        Ok(Err(Refusal::Silent(reason))) => return debug!(%peer, %reason, "a connection closed before it began"),
+        Ok(Err(Refusal::Loud(refusal))) => return warn!(%peer, %refusal, "refused a connection"),
+        Err(_) => return debug!(%peer, "a connection did not introduce itself within 10 s; closed"),
+    };
+    match (kind, registry) {
+        (Kind::Grpc, _) => {
+            let _ = grpc.send(Ok(connection)).await;
         }
-        Ok(Err(e)) => debug!(error = %e, "a connection failed before it said anything"),
-        Err(_) => debug!("a connection sent nothing within 10 s; closed"),
+        (Kind::Data, Some(registry)) => data_link::accept(connection, registry).await,
+        (Kind::Data, None) => debug!(%peer, "a data connection to a coordinator with no run; closed"),
+    }
+}
+
+/// Why a connection was closed before it was handed on.
+enum Refusal {
+    /// It closed or failed before saying anything: not worth a warning.
+    Silent(String),
+    /// It said something this port does not accept.
+    Loud(String),
+}
+
+/// Completes the TLS handshake, or reads nothing on an insecure port, and says which kind of
+/// connection this is.
+async fn open(
+    stream: TcpStream,
+    local: Option<SocketAddr>,
+    peer: SocketAddr,
+    security: &ServerSecurity,
+) -> Result<(Kind, Connection), Refusal> {
+    match security {
+        ServerSecurity::Insecure => {
+            let first = first_byte(&stream).await.map_err(|e| Refusal::Silent(e.to_string()))?;
+            let kind = match first {
+                byte if byte == DATA_MAGIC[0] => Kind::Data,
+                // HTTP/2 opens with "PRI * HT"; a TLS client would not be understood by either.
+                TLS_HANDSHAKE_BYTE => {
+                    return Err(Refusal::Loud(
+                        "it opened a TLS handshake, but this coordinator runs --insecure: start the worker with \
+                         --insecure too, or the coordinator with --credentials"
+                            .into(),
+                    ));
+                }
+                _ => Kind::Grpc,
+            };
+            Ok((kind, Connection::new(stream, local, Some(peer))))
+        }
+        ServerSecurity::Tls { acceptor, .. } => {
+            let tls = acceptor.accept(stream).await.map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Refusal::Silent(e.to_string()),
+                _ => Refusal::Loud(format!(
+                    "the TLS handshake failed: {e} (a worker without --credentials, or with another cluster's?)"
+                )),
+            })?;
+            let kind = match tls.get_ref().1.alpn_protocol() {
+                Some(ALPN_DATA) => Kind::Data,
+                _ => Kind::Grpc,
+            };
+            Ok((kind, Connection::new(tls, local, Some(peer))))
+        }
     }
 }
 

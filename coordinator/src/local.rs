@@ -18,6 +18,8 @@ pub struct LocalWorkers {
     pub device: String,
     /// The `forger-worker` executable.
     pub binary: PathBuf,
+    /// The credentials folder they connect with; `None`: `--insecure`, like the coordinator.
+    pub credentials: Option<PathBuf>,
 }
 
 impl LocalWorkers {
@@ -37,6 +39,15 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn start(config: &LocalWorkers, coordinator: SocketAddr) -> Result<LocalCluster> {
+        // A coordinator listening on every address is reached on loopback, a name its
+        // certificate carries.
+        let mut coordinator = coordinator;
+        if coordinator.ip().is_unspecified() {
+            coordinator.set_ip(match coordinator {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
         let url = format!("http://{coordinator}");
         let mut children = Vec::new();
         for i in 0..config.count {
@@ -46,6 +57,10 @@ impl LocalCluster {
             // checkpoints and dismisses the workers instead of watching them die mid-step.
             #[cfg(unix)]
             command.process_group(0);
+            match &config.credentials {
+                Some(dir) => command.arg("--credentials").arg(dir),
+                None => command.arg("--insecure"),
+            };
             let child = command
                 .arg("--coordinator")
                 .arg(&url)

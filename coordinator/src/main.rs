@@ -3,20 +3,41 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use forger_common::spec::JobSpec;
-use forger_coordinator::{LocalWorkers, Resume, ServeConfig};
+use forger_coordinator::credentials;
+use forger_coordinator::{LocalWorkers, Resume, Security, ServeConfig};
+use forger_proto::tls::ServerSecurity;
 
 /// Trains the forger DCGAN data-parallel across the workers that join.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The job spec (TOML).
-    #[arg(long, env = "FORGER_SPEC")]
-    spec: PathBuf,
+    #[arg(long, env = "FORGER_SPEC", required = true)]
+    spec: Option<PathBuf>,
     /// The run directory: checkpoints, samples, metrics.
-    #[arg(long, env = "FORGER_OUT")]
-    out: PathBuf,
+    #[arg(long, env = "FORGER_OUT", required = true)]
+    out: Option<PathBuf>,
+    /// The credentials folder (`forger-coordinator credentials` makes one): TLS on every
+    /// connection and the job token on every call. With --local-workers and neither this nor
+    /// --insecure, a folder is made in the run directory.
+    #[arg(long, env = "FORGER_CREDENTIALS", conflicts_with = "insecure")]
+    credentials: Option<PathBuf>,
+    /// Mutual TLS: workers must also show the certificate of the credentials folder.
+    #[arg(long, env = "FORGER_MTLS", conflicts_with = "insecure")]
+    mtls: bool,
+    /// No TLS and no token: anyone who reaches the port can join, read the dataset and send
+    /// gradients. For experiments on a trusted network only.
+    #[arg(long, env = "FORGER_INSECURE")]
+    insecure: bool,
     /// Address to listen on for workers.
     #[arg(long, env = "FORGER_LISTEN", default_value = "127.0.0.1:50051")]
     listen: String,
@@ -50,6 +71,29 @@ struct Args {
     worker_bin: Option<PathBuf>,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a new cluster's credentials: a CA, the coordinator's certificate, the workers'
+    /// client certificate and the job token. Give the coordinator and every worker the folder
+    /// (keep ca.key off the nodes: no running process needs it).
+    Credentials {
+        /// The folder to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// A name or address workers reach the coordinator by (repeat for several); localhost,
+        /// 127.0.0.1, ::1 and `coordinator` are always included.
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// Replace credentials already in the folder.
+        #[arg(long, conflicts_with = "keep")]
+        force: bool,
+        /// Succeed without writing when the folder already holds a complete set: for a compose
+        /// file or batch script that runs this on every start.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     use std::io::IsTerminal as _;
@@ -66,6 +110,11 @@ async fn main() -> std::process::ExitCode {
         .init();
     match run(Args::parse()).await {
         Ok(code) => code,
+        // A spec that does not fit the dataset is a usage error, like one that does not parse.
+        Err(e) if is_spec_error(&e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(1)
@@ -74,7 +123,33 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
-    let mut spec = match JobSpec::load(&args.spec) {
+    if let Some(Command::Credentials {
+        out,
+        hosts,
+        force,
+        keep,
+    }) = args.command
+    {
+        if keep && credentials::complete(&out)? {
+            eprintln!(
+                "{} already holds a cluster's credentials; kept them (--keep)",
+                out.display()
+            );
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        let written = credentials::generate(&out, &hosts, force)?;
+        for file in &written.files {
+            println!("{}", file.display());
+        }
+        eprintln!(
+            "wrote a new cluster's credentials to {}; the coordinator's certificate names {}",
+            out.display(),
+            written.hosts.join(", ")
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let (spec_path, out) = (args.spec.expect("required"), args.out.expect("required"));
+    let mut spec = match JobSpec::load(&spec_path) {
         Ok(spec) => spec,
         Err(e) => {
             eprintln!("error: {e}");
@@ -84,6 +159,33 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     if let Some(data) = args.data {
         spec.data.path = data;
     }
+    let credentials = match (args.credentials, args.insecure, args.local_workers) {
+        (_, true, _) => None,
+        (Some(dir), false, _) => Some(dir),
+        // Workers on this machine only: they can share a folder nobody had to make.
+        (None, false, Some(_)) => Some(Security::run_directory_folder(&out)),
+        (None, false, None) => {
+            eprintln!(
+                "error: the coordinator needs credentials: --credentials DIR (make them with `forger-coordinator \
+                 credentials --out DIR`), or --insecure on a trusted network"
+            );
+            return Ok(std::process::ExitCode::from(2));
+        }
+    };
+    let security = match &credentials {
+        Some(dir) if *dir == Security::run_directory_folder(&out) && !dir.exists() => {
+            Security::RunDirectory { mutual: args.mtls }
+        }
+        Some(dir) => Security::Given(ServerSecurity::load(dir, args.mtls)?),
+        None => {
+            eprintln!(
+                "WARNING: --insecure: no TLS and no job token. Anyone who can reach {} can join this job, read its \
+                 dataset and send it gradients.",
+                args.listen
+            );
+            Security::Given(ServerSecurity::Insecure)
+        }
+    };
     let mut local_workers = None;
     if let Some(count) = args.local_workers {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -95,6 +197,7 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
                 Some(path) => path,
                 None => LocalWorkers::default_binary()?,
             },
+            credentials: credentials.clone(),
         });
     }
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -102,9 +205,10 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let config = ServeConfig {
         spec,
-        run_dir: args.out,
+        run_dir: out,
         resume: args.resume,
         local_workers,
+        security,
     };
     let summary = forger_coordinator::serve(config, listener, shutdown_signal()).await?;
     if summary.interrupted && summary.step == 0 {
@@ -115,6 +219,15 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         eprintln!("finished at step {}", summary.step);
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn is_spec_error(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<forger_coordinator::CoordinatorError>(),
+        Some(forger_coordinator::CoordinatorError::Common(
+            forger_common::Error::SpecInvalid { .. } | forger_common::Error::SpecSyntax { .. }
+        ))
+    )
 }
 
 /// `--resume`'s value: yes or no (also true/false, on/off, 1/0), or auto.

@@ -7,8 +7,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forger_proto::connection::Connection;
 use subtle::ConstantTimeEq;
-use tokio::net::TcpStream;
 
 use crate::dataset::PreparedDataset;
 use crate::error::{CoordinatorError, Result};
@@ -76,7 +76,7 @@ struct Entry {
     joined_at: Instant,
     connected: bool,
     /// The worker's data connection, from its acceptance until its Session opens.
-    data: Option<TcpStream>,
+    data: Option<Connection>,
     /// The shards the trainer assigned; only these may be downloaded.
     shards: Vec<u32>,
 }
@@ -201,7 +201,7 @@ impl Registry {
 
     /// Holds a worker's accepted data connection until its Session opens; a second one
     /// replaces the first (the worker reconnected before its Session).
-    pub fn park_data(&self, id: u64, token: &[u8], stream: TcpStream) -> Result<(), String> {
+    pub fn park_data(&self, id: u64, token: &[u8], stream: Connection) -> Result<(), String> {
         let mut inner = self.lock();
         let entry = inner.workers.iter_mut().find(|e| e.info.id == id);
         data_refusal(entry.as_deref(), id, token)?;
@@ -223,7 +223,7 @@ impl Registry {
         id: u64,
         token: &[u8],
         patience: Duration,
-    ) -> Result<(WorkerInfo, TcpStream), Connect> {
+    ) -> Result<(WorkerInfo, Connection), Connect> {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             // Registered before the check, so a park between the check and the wait is seen.
@@ -242,7 +242,7 @@ impl Registry {
     /// Marks the worker's Session open and hands over its data connection. A worker has one
     /// session: a second Hello with the same id (a confused or hostile client) is refused,
     /// never allowed to stand in for it.
-    pub fn connect(&self, id: u64, token: &[u8]) -> Result<(WorkerInfo, TcpStream), Connect> {
+    pub fn connect(&self, id: u64, token: &[u8]) -> Result<(WorkerInfo, Connection), Connect> {
         let mut inner = self.lock();
         let entry = inner
             .workers

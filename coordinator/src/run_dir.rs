@@ -35,6 +35,15 @@ impl RunDir {
         Ok(dir)
     }
 
+    /// A guard that removes `root` again when dropped while still armed, if the refused start
+    /// left nothing in it but the empty folders and the lock that `create` and `lock` made:
+    /// a job refused before it began leaves no trace. Call it before `create`.
+    pub fn remove_if_refused(root: &Path) -> RefusedStartCleanup {
+        RefusedStartCleanup {
+            root: (!root.exists()).then(|| root.to_path_buf()),
+        }
+    }
+
     /// Takes the run directory for this process: a second coordinator on the same folder
     /// would interleave metrics and overwrite checkpoints. Held until the guard drops; the OS
     /// releases it if the process dies.
@@ -337,5 +346,30 @@ mod tests {
         expected.sort();
         assert_eq!(run.remove_leftover_temporaries().unwrap(), expected);
         assert!(keep.iter().all(|p| p.exists()) && leftovers.iter().all(|p| !p.exists()));
+    }
+}
+
+/// See [`RunDir::remove_if_refused`].
+#[derive(Debug)]
+pub struct RefusedStartCleanup {
+    /// The folder to remove; `None` when it existed before, or once the run has begun.
+    root: Option<PathBuf>,
+}
+
+impl RefusedStartCleanup {
+    /// The run has begun writing: keep the folder.
+    pub fn disarm(&mut self) {
+        self.root = None;
+    }
+}
+
+impl Drop for RefusedStartCleanup {
+    fn drop(&mut self) {
+        let Some(root) = &self.root else { return };
+        // `remove_dir` removes only empty folders, so nothing anyone else put there is lost.
+        let _ = std::fs::remove_dir(root.join("checkpoints"));
+        let _ = std::fs::remove_dir(root.join("samples"));
+        let _ = std::fs::remove_file(root.join(".lock"));
+        let _ = std::fs::remove_dir(root);
     }
 }

@@ -71,9 +71,16 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let req = request.into_inner();
         if req.protocol_version != PROTOCOL_VERSION {
+            let theirs = if req.forger_version.is_empty() {
+                "an older forger".to_string()
+            } else {
+                format!("forger {}", req.forger_version)
+            };
             return Err(Status::failed_precondition(format!(
-                "protocol version {} is not the coordinator's {PROTOCOL_VERSION}",
-                req.protocol_version
+                "this worker ({theirs}) speaks protocol version {}, the coordinator (forger {}) version \
+                 {PROTOCOL_VERSION}: run the same forger release on every node",
+                req.protocol_version,
+                env!("CARGO_PKG_VERSION")
             )));
         }
         let host = if req.host.is_empty() { peer } else { req.host };
@@ -93,6 +100,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             spec_toml: job.spec_toml.clone(),
             layout_fingerprint: job.fingerprint,
             session_token: token.as_bytes().to_vec().into(),
+            forger_version: env!("CARGO_PKG_VERSION").into(),
         }))
     }
 

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use forger_common::checkpoint::{self, TrainingState};
 use forger_common::sampler::{BatchSampler, SamplerState, assign_shards};
-use forger_common::spec::JobSpec;
+use forger_common::spec::{JobSpec, SpecProblem};
 use forger_common::{layout, wire};
 use forger_proto::pb::coordinator_server::CoordinatorServer;
+use forger_proto::tls::ServerSecurity;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -34,6 +35,43 @@ pub struct ServeConfig {
     pub resume: Resume,
     /// Also start worker processes on this machine.
     pub local_workers: Option<LocalWorkers>,
+    /// TLS and the job token, or `--insecure`.
+    pub security: Security,
+}
+
+/// Where the coordinator's TLS settings and job token come from.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// Loaded already: `--credentials`, or `--insecure`.
+    Given(ServerSecurity),
+    /// `--local-workers` with neither flag: the folder `credentials/` in the run directory,
+    /// made on first use once the job has passed its checks, so a refused job writes none.
+    /// `mutual`: workers must show the folder's certificate.
+    RunDirectory { mutual: bool },
+}
+
+impl Security {
+    /// The folder `Security::RunDirectory` uses in `run_dir`.
+    pub fn run_directory_folder(run_dir: &std::path::Path) -> PathBuf {
+        run_dir.join("credentials")
+    }
+
+    fn resolve(self, run: &RunDir) -> Result<ServerSecurity> {
+        match self {
+            Security::Given(security) => Ok(security),
+            Security::RunDirectory { mutual } => {
+                let dir = Security::run_directory_folder(run.root());
+                if !dir.join(forger_proto::tls::files::TOKEN).exists() {
+                    crate::credentials::generate(&dir, &[], false)?;
+                    info!(
+                        folder = %dir.display(),
+                        "made credentials for this run: workers on other machines need a copy of the folder"
+                    );
+                }
+                ServerSecurity::load(&dir, mutual).map_err(|e| CoordinatorError::Refused(e.to_string()))
+            }
+        }
+    }
 }
 
 /// What to do with the checkpoints already in the run directory.
@@ -55,6 +93,8 @@ impl From<bool> for Resume {
     }
 }
 
+/// Skipped files named one by one in the log; the report file has them all.
+const SKIPPED_LOGGED: usize = 20;
 /// How long local workers get to exit once told to.
 const LOCAL_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// After a stop request, how long local workers get before they are killed.
@@ -74,6 +114,7 @@ pub async fn serve(
         run_dir,
         resume,
         local_workers,
+        security,
     } = config;
     let workers = spec.cluster.workers as usize;
     if let Some(local) = &local_workers
@@ -89,6 +130,7 @@ pub async fn serve(
         spec.data.path = absolute;
     }
     // Everything that can refuse the job is checked before anything is written.
+    let mut cleanup = RunDir::remove_if_refused(&run_dir);
     let run = RunDir::create(&run_dir)?;
     let _lock = run.lock()?;
     for path in run.remove_leftover_temporaries()? {
@@ -104,7 +146,8 @@ pub async fn serve(
         // Workers started beside this coordinator are told the run is over, so they leave
         // instead of dialing until their patience runs out.
         let linger = Duration::from_secs(spec.cluster.start_grace_secs);
-        crate::completed::answer_workers(listener, state.step, linger, shutdown).await;
+        let security = security.resolve(&run)?;
+        crate::completed::answer_workers(listener, security, state.step, linger, shutdown).await;
         return Ok(RunSummary {
             step: state.step,
             ..RunSummary::default()
@@ -119,7 +162,14 @@ pub async fn serve(
     state.dataset_len = dataset.len();
     state.samplers = samplers.iter().map(BatchSampler::state).collect();
     run.check_writable()?;
+    let security = security.resolve(&run)?;
+    // Rewritten on every start: it describes the dataset this start loaded.
+    forger_common::atomic::write_atomic(
+        &dataset::report_path(run.root()),
+        dataset::report(&dataset.skipped).as_bytes(),
+    )?;
 
+    cleanup.disarm();
     forger_common::atomic::write_atomic(&run.spec(), spec.to_toml().as_bytes())?;
     // A fresh start (allowed only with no checkpoints) begins a new log: lines left by a run
     // that never checkpointed belong to nothing that can be resumed.
@@ -132,7 +182,7 @@ pub async fn serve(
         } else {
             "fresh-start"
         },
-        serde_json::json!({ "shards": workers }),
+        serde_json::json!({ "shards": workers, "security": security.describe() }),
     );
     if !changed.is_empty() {
         history.record(state.step, "spec-changed", serde_json::json!({ "changes": changed }));
@@ -157,12 +207,15 @@ pub async fn serve(
             .initial_stream_window_size(Some(wire::STREAM_WINDOW))
             .initial_connection_window_size(Some(wire::CONNECTION_WINDOW))
             .max_frame_size(Some(wire::MAX_FRAME))
-            .add_service(CoordinatorServer::new(service))
-            .serve_with_incoming_shutdown(listener::route(listener, registry.clone()), async {
-                let _ = server_stopped.await;
-            }),
+            .add_service(CoordinatorServer::with_interceptor(service, security.require_token()))
+            .serve_with_incoming_shutdown(
+                listener::route(listener, Some(registry.clone()), security.clone()),
+                async {
+                    let _ = server_stopped.await;
+                },
+            ),
     );
-    info!(%address, workers, "coordinator listening");
+    info!(%address, workers, security = security.describe(), "coordinator listening");
 
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
@@ -298,8 +351,11 @@ fn load_dataset(spec: &JobSpec) -> Result<PreparedDataset> {
     let path = &spec.data.path;
     let started = std::time::Instant::now();
     let dataset = dataset::load(path, spec.data.image_size, spec.data.limit)?;
-    for (file, reason) in dataset.skipped.iter().take(20) {
-        warn!(file = %file.display(), %reason, "skipped an image");
+    for skipped in dataset.skipped.iter().take(SKIPPED_LOGGED) {
+        warn!(file = %skipped.file.display(), kind = skipped.kind.label(), reason = %skipped.reason, "skipped a file");
+    }
+    if let Some(summary) = dataset::summary(&dataset.skipped) {
+        warn!(path = %path.display(), "{summary}; every file and reason goes to skipped-images.tsv in the run directory");
     }
     info!(
         path = %path.display(),
@@ -313,9 +369,9 @@ fn load_dataset(spec: &JobSpec) -> Result<PreparedDataset> {
         return Err(CoordinatorError::Dataset {
             path: path.clone(),
             message: format!(
-                "holds {} usable images ({} skipped), fewer than one batch of {batch}",
+                "holds {} usable images ({}), fewer than one batch of {batch}",
                 dataset.len(),
-                dataset.skipped.len()
+                dataset::summary(&dataset.skipped).unwrap_or_else(|| "none skipped".into())
             ),
         });
     }
@@ -326,13 +382,20 @@ fn check_shards(spec: &JobSpec, shards: &[Vec<u32>]) -> Result<()> {
     let batch = spec.train.batch_size as usize;
     let smallest = shards.iter().map(Vec::len).min().unwrap_or(0);
     if smallest < batch {
-        return Err(CoordinatorError::Dataset {
-            path: spec.data.path.clone(),
-            message: format!(
-                "split among {} workers, the smallest shard has {smallest} images, fewer than train.batch_size = {batch}",
-                shards.len()
-            ),
-        });
+        // A spec problem (exit code 2): the batch does not fit this dataset's shards.
+        return Err(forger_common::Error::SpecInvalid {
+            origin: "for this dataset".into(),
+            problems: vec![SpecProblem {
+                field: "train.batch_size".into(),
+                message: format!(
+                    "{batch} is larger than a shard: {} images split among cluster.workers = {} leave {smallest} in the \
+                     smallest; expected at most {smallest}",
+                    shards.iter().map(Vec::len).sum::<usize>(),
+                    shards.len()
+                ),
+            }],
+        }
+        .into());
     }
     Ok(())
 }

@@ -20,10 +20,11 @@ LABEL org.opencontainers.image.title="forger-coordinator" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.description="forger's coordinator: shards, all-reduce, checkpoints"
 COPY --from=bundle /opt/forger/bin/forger-coordinator /usr/local/bin/forger-coordinator
-# An unprivileged user owns the run directory; a named volume mounted there inherits that.
+# An unprivileged user owns the run and credentials directories; a named volume mounted
+# there inherits that.
 RUN groupadd --system --gid 10001 forger \
  && useradd --system --uid 10001 --gid forger --home-dir /var/lib/forger --no-create-home forger \
- && mkdir -p /var/lib/forger/run /etc/forger \
+ && mkdir -p /var/lib/forger/run /var/lib/forger/credentials /etc/forger \
  && chown -R forger:forger /var/lib/forger
 USER forger
 # The flags as environment variables (each flag's [env: ...] in --help): a container is

@@ -12,7 +12,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::connection::Connection;
 use crate::pb;
+use crate::tls::ClientSecurity;
 
 /// The first bytes of a data connection; a gRPC connection starts with HTTP/2's "PRI * HT".
 pub const DATA_MAGIC: [u8; 8] = *b"FORGERDP";
@@ -55,6 +57,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     header.encode(&mut head).expect("a Vec grows to fit");
     writer.write_all(&head).await?;
     writer.write_all(payload).await?;
+    // TLS may keep the frame's last record until it is flushed (a no-op on plain TCP): the
+    // peer must not wait for a frame that sits in this process.
+    writer.flush().await?;
     Ok(())
 }
 
@@ -93,10 +98,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let mut lengths = [0u8; 8];
         let mut filled = 0;
         while filled < lengths.len() {
-            match self.reader.read(&mut lengths[filled..]).await? {
-                0 if filled == 0 => return Ok(None),
-                0 => return Err(FrameError::Truncated),
-                n => filled += n,
+            match self.reader.read(&mut lengths[filled..]).await {
+                Ok(0) if filled == 0 => return Ok(None),
+                Ok(0) => return Err(FrameError::Truncated),
+                Ok(n) => filled += n,
+                // TLS without its close_notify between frames: the peer went away, as a plain
+                // TCP close would say; the framing already catches a cut inside a frame.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && filled == 0 => return Ok(None),
+                Err(e) => return Err(e.into()),
             }
         }
         let header_len = u32::from_le_bytes(lengths[..4].try_into().expect("4 bytes")) as usize;
@@ -149,12 +158,18 @@ fn truncated(e: std::io::Error) -> FrameError {
 }
 
 /// Opens a worker's data connection to `address` (`host:port`, the coordinator's gRPC
-/// address) and introduces it with `hello`. Returns the connection once the coordinator has
+/// address; `host` is the name its certificate must carry) and introduces it with `hello`. Returns the connection once the coordinator has
 /// accepted it.
-pub async fn connect(address: &str, hello: &pb::DataHello) -> Result<TcpStream, FrameError> {
-    let mut stream = TcpStream::connect(address).await?;
+pub async fn connect(
+    address: &str,
+    host: &str,
+    security: &ClientSecurity,
+    hello: &pb::DataHello,
+) -> Result<Connection, FrameError> {
+    let stream = TcpStream::connect(address).await?;
     // Without this the last small frame of a phase waits for the peer's delayed ACK.
     stream.set_nodelay(true)?;
+    let mut stream = security.wrap_data(stream, host).await?;
     stream.write_all(&DATA_MAGIC).await?;
     write_frame(&mut stream, hello, &[]).await?;
     let mut reader = FrameReader::handshake(&mut stream);
@@ -211,8 +226,8 @@ impl<Out, In> Drop for FrameLink<Out, In> {
 
 impl<Out: Chunk, In: Chunk> FrameLink<Out, In> {
     /// Starts the tasks on `stream`; incoming payloads above `max_payload` bytes are an error.
-    pub fn spawn(stream: TcpStream, max_payload: usize) -> Self {
-        let (read, mut write) = stream.into_split();
+    pub fn spawn(stream: Connection, max_payload: usize) -> Self {
+        let (read, mut write) = tokio::io::split(stream);
         let (send, mut queue) = mpsc::channel::<Out>(LINK_QUEUE);
         let (arrived, received) = mpsc::channel(LINK_QUEUE);
         tokio::spawn(async move {
@@ -223,6 +238,8 @@ impl<Out: Chunk, In: Chunk> FrameLink<Out, In> {
                     return;
                 }
             }
+            // Over TLS this says goodbye properly (close_notify).
+            let _ = write.shutdown().await;
         });
         let reader = tokio::spawn(async move {
             let mut frames = FrameReader::new(read, max_payload);

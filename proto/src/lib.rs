@@ -2,10 +2,14 @@
 //!
 //! The messages live under [`pb`]; other crates convert these types to their own at the edge.
 //! [`data`] frames the data connection that carries gradients and parameters beside the
-//! Session, and [`order`] merges the two back into the coordinator's send order.
+//! Session, and [`order`] merges the two back into the coordinator's send order. [`tls`] and
+//! [`token`] secure both connections; [`connection`] is the stream type they travel on.
 
+pub mod connection;
 pub mod data;
 pub mod order;
+pub mod tls;
+pub mod token;
 
 /// Bumped whenever a message changes meaning; a worker of another version is refused at Join.
 pub const PROTOCOL_VERSION: u32 = 4;

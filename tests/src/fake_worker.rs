@@ -12,15 +12,19 @@ use forger_common::layout;
 use forger_common::spec::JobSpec;
 use forger_common::wire::{self, CHUNK_VALUES};
 use forger_proto::PROTOCOL_VERSION;
+use forger_proto::connection::Connection;
 use forger_proto::data::{self, FrameLink};
 use forger_proto::order::InOrder;
 use forger_proto::pb::{
     self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In, worker_message::Kind as Out,
 };
+use forger_proto::tls::ClientSecurity;
+use forger_proto::token::AddToken;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Every await in a test is bounded by this.
@@ -38,7 +42,7 @@ pub struct FakeWorker {
     pub shards: BTreeMap<u32, Vec<u32>>,
     /// From the Join reply; a test may show it on a connection of its own.
     pub token: Bytes,
-    client: CoordinatorClient<Channel>,
+    client: CoordinatorClient<InterceptedService<Channel, AddToken>>,
     outbound: mpsc::Sender<pb::WorkerMessage>,
     inbound: Streaming<pb::CoordinatorMessage>,
     /// The data connection: gradients up, parameters down.
@@ -68,7 +72,19 @@ impl FakeWorker {
     /// given shards in proportion and, with more than one, must upload a group per phase
     /// ([`FakeWorker::upload_group`]).
     pub async fn join_with_replicas(url: &str, replicas: u32) -> FakeWorker {
-        let mut client = CoordinatorClient::connect(url.to_string()).await.expect("connect");
+        FakeWorker::join_secured(url, &ClientSecurity::Insecure, replicas).await
+    }
+
+    /// Joins over TLS with the job token (or not, with `ClientSecurity::Insecure`).
+    pub async fn join_secured(url: &str, security: &ClientSecurity, replicas: u32) -> FakeWorker {
+        let address = address_of(url);
+        let channel = security
+            .endpoint(address)
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = CoordinatorClient::with_interceptor(channel, security.add_token());
         let reply = client
             .join(pb::JoinRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -76,12 +92,13 @@ impl FakeWorker {
                 device: "none".into(),
                 threads: 1,
                 replicas,
+                forger_version: env!("CARGO_PKG_VERSION").into(),
             })
             .await
             .expect("join")
             .into_inner();
         let spec = JobSpec::parse(&reply.spec_toml, "join reply").expect("spec from the coordinator");
-        let stream = open_data_connection(url, reply.worker_id, &reply.session_token)
+        let stream = open_data_connection_secured(url, security, reply.worker_id, &reply.session_token)
             .await
             .expect("data connection accepted");
         let link = FrameLink::spawn(stream, CHUNK_VALUES * 4);
@@ -391,12 +408,30 @@ enum Arrived {
 
 /// Opens a data connection to the coordinator at `url` (`http://host:port`) as worker `id`
 /// with `token`, returning the refusal or failure as text.
-pub async fn open_data_connection(url: &str, id: u64, token: &[u8]) -> Result<tokio::net::TcpStream, String> {
-    let address = url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/');
+pub async fn open_data_connection(url: &str, id: u64, token: &[u8]) -> Result<Connection, String> {
+    open_data_connection_secured(url, &ClientSecurity::Insecure, id, token).await
+}
+
+/// [`open_data_connection`] with the given security.
+pub async fn open_data_connection_secured(
+    url: &str,
+    security: &ClientSecurity,
+    id: u64,
+    token: &[u8],
+) -> Result<Connection, String> {
+    let address = address_of(url);
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
     let hello = pb::DataHello {
         protocol_version: PROTOCOL_VERSION,
         worker_id: id,
         session_token: Bytes::copy_from_slice(token),
     };
-    data::connect(address, &hello).await.map_err(|e| e.to_string())
+    data::connect(address, host, security, &hello)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// `host:port` of a test's `http://host:port` URL.
+fn address_of(url: &str) -> &str {
+    url.strip_prefix("http://").unwrap_or(url).trim_end_matches('/')
 }

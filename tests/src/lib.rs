@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use forger_common::spec::JobSpec;
-use forger_coordinator::{LocalWorkers, RunSummary, ServeConfig};
+use forger_coordinator::{LocalWorkers, RunSummary, Security, ServeConfig};
+use forger_proto::tls::ServerSecurity;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -91,6 +92,27 @@ samples = 16
     JobSpec::parse(&text, "test spec").expect("test spec is valid")
 }
 
+/// Twelve 8x8 images in a fresh folder: a dataset for protocol tests, where what is learnt
+/// does not matter.
+pub fn tiny_dataset(dir: &Path) {
+    for i in 0..12u8 {
+        let img = image::RgbImage::from_pixel(8, 8, image::Rgb([i * 20, 255 - i * 20, 128]));
+        img.save(dir.join(format!("img{i:02}.png"))).unwrap();
+    }
+}
+
+/// A spec for [`tiny_dataset`]: tiny networks, short timeouts, `workers` shards.
+pub fn tiny_spec(data: &Path, workers: u32, steps: u64) -> JobSpec {
+    let text = format!(
+        "version = 1\n[data]\npath = \"{}\"\nimage_size = 8\n[model]\nd_filters = [2, 3, 2]\ng_filters = [3, 2, 2]\n\
+         [train]\nsteps = {steps}\nbatch_size = 2\ncheck_params_every = 1\n[cluster]\nworkers = {workers}\n\
+         min_workers = 1\njoin_timeout_secs = 30\nstart_grace_secs = 30\nstep_timeout_secs = 30\n\
+         heartbeat_timeout_secs = 2\n[checkpoint]\nevery = 100\nsamples = 4\n",
+        data.display()
+    );
+    JobSpec::parse(&text, "tiny").unwrap()
+}
+
 /// A coordinator running in this process on a loopback port chosen by the OS.
 #[derive(Debug)]
 pub struct TestCoordinator {
@@ -102,6 +124,23 @@ pub struct TestCoordinator {
 impl TestCoordinator {
     /// Binds first, then spawns, so workers can never race the listener.
     pub async fn start(spec: JobSpec, run_dir: &Path, resume: bool, local_workers: Option<usize>) -> TestCoordinator {
+        TestCoordinator::start_secured(spec, run_dir, resume, local_workers, None, false).await
+    }
+
+    /// With TLS and the job token from the `credentials` folder (`mutual`: workers must show
+    /// its certificate), or `--insecure` without one; local workers get the same folder.
+    pub async fn start_secured(
+        spec: JobSpec,
+        run_dir: &Path,
+        resume: bool,
+        local_workers: Option<usize>,
+        credentials: Option<&Path>,
+        mutual: bool,
+    ) -> TestCoordinator {
+        let security = Security::Given(match credentials {
+            Some(dir) => ServerSecurity::load(dir, mutual).expect("test credentials load"),
+            None => ServerSecurity::Insecure,
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let address = listener.local_addr().expect("local address");
         let local_workers = local_workers.map(|count| LocalWorkers {
@@ -109,12 +148,14 @@ impl TestCoordinator {
             threads: 1,
             device: "cpu".into(),
             binary: binary("forger-worker"),
+            credentials: credentials.map(Path::to_path_buf),
         });
         let config = ServeConfig {
             spec,
             run_dir: run_dir.to_path_buf(),
             resume: resume.into(),
             local_workers,
+            security,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(forger_coordinator::serve(config, listener, async {

@@ -8,6 +8,22 @@ use std::time::{Duration, Instant};
 
 use crate::binary;
 
+/// `--credentials DIR` (and `--mtls` for a coordinator that asks for certificates), or
+/// `--insecure`.
+pub fn security_args(command: &mut Command, credentials: Option<&Path>, mutual: bool) {
+    match credentials {
+        Some(dir) => {
+            command.arg("--credentials").arg(dir);
+            if mutual {
+                command.arg("--mtls");
+            }
+        }
+        None => {
+            command.arg("--insecure");
+        }
+    }
+}
+
 /// A child process that is killed if the test ends without waiting for it.
 #[derive(Debug)]
 pub struct Process {
@@ -41,11 +57,24 @@ impl Process {
 
     /// A worker for `url` computing as `devices` says (`--device`, `--devices`, `--threads`).
     pub fn worker_on(name: &str, url: &str, log_dir: &Path, fail_points: Option<&str>, devices: &[&str]) -> Process {
+        Process::worker_with(name, url, log_dir, fail_points, devices, None)
+    }
+
+    /// [`Process::worker_on`] with the `credentials` folder, or `--insecure` without one.
+    pub fn worker_with(
+        name: &str,
+        url: &str,
+        log_dir: &Path,
+        fail_points: Option<&str>,
+        devices: &[&str],
+        credentials: Option<&Path>,
+    ) -> Process {
         let mut command = Command::new(binary("forger-worker"));
         command
             .args(["--coordinator", url, "--patience-secs", "60"])
             .args(devices)
             .env("RUST_LOG", "info");
+        security_args(&mut command, credentials, false);
         if let Some(points) = fail_points {
             command.env("FAILPOINTS", points);
         }
@@ -62,6 +91,23 @@ impl Process {
         log_dir: &Path,
         fail_points: Option<&str>,
     ) -> Process {
+        Process::coordinator_with(name, spec, run_dir, listen, resume, log_dir, fail_points, None, false)
+    }
+
+    /// [`Process::coordinator`] with the `credentials` folder (`mutual`: `--mtls`), or
+    /// `--insecure` without one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn coordinator_with(
+        name: &str,
+        spec: &Path,
+        run_dir: &Path,
+        listen: &str,
+        resume: bool,
+        log_dir: &Path,
+        fail_points: Option<&str>,
+        credentials: Option<&Path>,
+        mutual: bool,
+    ) -> Process {
         let mut command = Command::new(binary("forger-coordinator"));
         command
             .arg("--spec")
@@ -70,6 +116,7 @@ impl Process {
             .arg(run_dir)
             .args(["--listen", listen])
             .env("RUST_LOG", "info");
+        security_args(&mut command, credentials, mutual);
         if resume {
             command.arg("--resume");
         }

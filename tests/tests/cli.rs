@@ -56,7 +56,7 @@ fn the_coordinator_does_not_link_libtorch() {
 #[test]
 fn asking_for_cuda_without_a_gpu_is_an_error() {
     let out = Command::new(binary("forger-worker"))
-        .args(["--device", "cuda", "--coordinator", "http://127.0.0.1:9"])
+        .args(["--device", "cuda", "--coordinator", "http://127.0.0.1:9", "--insecure"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -70,7 +70,7 @@ fn asking_for_cuda_without_a_gpu_is_an_error() {
 #[test]
 fn devices_all_without_a_gpu_says_where_to_look_and_devices_exclude_device() {
     let out = Command::new(binary("forger-worker"))
-        .args(["--devices", "all", "--coordinator", "http://127.0.0.1:9"])
+        .args(["--devices", "all", "--coordinator", "http://127.0.0.1:9", "--insecure"])
         .env("FORGER_PATIENCE_SECS", "0")
         .output()
         .unwrap();
@@ -231,6 +231,9 @@ fn a_worker_of_a_run_that_is_already_complete_is_told_so_and_leaves() {
         .arg("--out")
         .arg(&run)
         .args(["--listen", &address, "--resume=auto"])
+        // The folder the first run made for its local workers.
+        .arg("--credentials")
+        .arg(run.join("credentials"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -243,7 +246,9 @@ fn a_worker_of_a_run_that_is_already_complete_is_told_so_and_leaves() {
             "cpu",
             "--patience-secs",
             "60",
+            "--credentials",
         ])
+        .arg(run.join("credentials"))
         .output()
         .unwrap();
     let worker_log = String::from_utf8_lossy(&worker.stderr);

@@ -100,6 +100,9 @@ fn compose_cluster_survives_a_killed_worker_and_a_restarted_coordinator() {
     let resumed = events(&run, "resumed-from-checkpoint");
     assert_eq!(resumed.len(), 1, "one resume: {resumed:?}");
     let resumed_from = resumed[0]["step"].as_u64().unwrap();
+    // Both starts of the coordinator used the credentials the compose file made once.
+    assert_eq!(resumed[0]["security"], "mutual TLS", "{resumed:?}");
+    assert_eq!(events(&run, "fresh-start")[0]["security"], "mutual TLS");
     assert!(
         (60..STEPS).contains(&resumed_from),
         "resumed from step {resumed_from}, after the restart at step 60 or later"

@@ -2,37 +2,15 @@
 //! shard-order averages, TF1 RMSProp updates, balancing decisions, and what happens to workers
 //! that drift, break the protocol, fall silent or send non-finite values.
 
-use std::path::Path;
-
 use forger_common::balance::decide_balance;
 use forger_common::checkpoint;
 use forger_common::rmsprop::{RmsProp, initial_mean_square, update_moving_average};
-use forger_common::spec::JobSpec;
 use forger_common::wire;
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
 use forger_tests::fake_worker::{FakeWorker, open_data_connection};
 use forger_tests::reference::events;
-use forger_tests::{TestCoordinator, metric_lines};
+use forger_tests::{TestCoordinator, metric_lines, tiny_dataset, tiny_spec};
 use std::time::Duration;
-
-/// Twelve 8x8 images in a fresh folder.
-fn tiny_dataset(dir: &Path) {
-    for i in 0..12u8 {
-        let img = image::RgbImage::from_pixel(8, 8, image::Rgb([i * 20, 255 - i * 20, 128]));
-        img.save(dir.join(format!("img{i:02}.png"))).unwrap();
-    }
-}
-
-fn tiny_spec(data: &Path, workers: u32, steps: u64) -> JobSpec {
-    let text = format!(
-        "version = 1\n[data]\npath = \"{}\"\nimage_size = 8\n[model]\nd_filters = [2, 3, 2]\ng_filters = [3, 2, 2]\n\
-         [train]\nsteps = {steps}\nbatch_size = 2\ncheck_params_every = 1\n[cluster]\nworkers = {workers}\n\
-         min_workers = 1\njoin_timeout_secs = 30\nstart_grace_secs = 30\nstep_timeout_secs = 30\n\
-         heartbeat_timeout_secs = 2\n[checkpoint]\nevery = 100\nsamples = 4\n",
-        data.display()
-    );
-    JobSpec::parse(&text, "tiny").unwrap()
-}
 
 /// A coordinator in this process on the tiny dataset; the folders live as long as the guards.
 async fn tiny_cluster(workers: u32, steps: u64) -> (tempfile::TempDir, tempfile::TempDir, TestCoordinator) {
@@ -64,6 +42,7 @@ async fn join_request(
             device: "none".into(),
             threads: 1,
             replicas: 1,
+            forger_version: env!("CARGO_PKG_VERSION").into(),
         })
         .await
 }
@@ -698,10 +677,19 @@ async fn a_worker_beyond_the_spec_is_told_the_cluster_is_full() {
             device: "none".into(),
             threads: 1,
             replicas: 1,
+            forger_version: "9.9.9".into(),
         })
         .await
         .unwrap_err();
-    assert!(status.message().contains("protocol version 99"), "{}", status.message());
+    // The refusal says what differs: both versions of the protocol and of forger.
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    for says in [
+        "protocol version 99",
+        "forger 9.9.9",
+        &format!("version {}", forger_proto::PROTOCOL_VERSION),
+    ] {
+        assert!(status.message().contains(says), "{says}: {}", status.message());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -957,6 +945,31 @@ async fn a_gradient_sent_on_the_session_drops_the_worker() {
     })
     .await;
     assert!(reason.contains("gradients travel on the data connection"), "{reason}");
+}
+
+/// A gradient for a step or phase the coordinator is not in: refused (the worker is dropped),
+/// never summed into the update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gradient_for_a_future_step_or_the_wrong_phase_is_refused_not_applied() {
+    for (step, phase, says) in [
+        (7, pb::Phase::Discriminator, "step 7"),
+        (1, pb::Phase::Generator, "generator"),
+    ] {
+        let reason = evicted_for(async |w: &FakeWorker| {
+            w.send_frame(pb::GradientChunk {
+                step,
+                attempt: 1,
+                phase: phase as i32,
+                shard: 0,
+                offset: 0,
+                values: vec![0u8; 16].into(),
+                ..Default::default()
+            })
+            .await;
+        })
+        .await;
+        assert!(reason.to_lowercase().contains(says), "step {step} {phase:?}: {reason}");
+    }
 }
 
 /// One step answered with zero gradients, following whatever the plan says; the replicas

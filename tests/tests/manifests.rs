@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 
 use forger_tests::manifest_check::cli::Cli;
 use forger_tests::manifest_check::compose::{self, Gpus, Project};
-use forger_tests::manifest_check::{Binary, Container, Problem, check_env_names, check_flags, k8s, report, script};
+use forger_tests::manifest_check::{
+    Binary, Container, Problem, check_env_names, check_flags, check_switch_values, credentials, k8s, report, script,
+};
 use forger_tests::{binary, repo_root};
 
 const SLURM_SCRIPT: &str = "deploy/slurm/forger.sbatch";
@@ -104,10 +106,19 @@ fn compose_problems(files: &[(String, String)], gpu: bool) -> Vec<Problem> {
     problems
 }
 
+/// The script's three invocations: the credentials, the coordinator, the workers.
 fn slurm_invocations(text: &str) -> Vec<Container> {
     let found = script::invocations(SLURM_SCRIPT, text);
-    let binaries: Vec<Binary> = found.iter().map(|c| c.binary).collect();
-    assert_eq!(binaries, [Binary::Coordinator, Binary::Worker], "{found:#?}");
+    let runs: Vec<(Binary, Option<&str>)> = found.iter().map(|c| (c.binary, c.subcommand())).collect();
+    assert_eq!(
+        runs,
+        [
+            (Binary::Coordinator, Some("credentials")),
+            (Binary::Coordinator, None),
+            (Binary::Worker, None)
+        ],
+        "{found:#?}"
+    );
     found
 }
 
@@ -120,8 +131,11 @@ fn script_problems(found: &[Container]) -> Vec<Problem> {
             Binary::Worker => worker,
         };
         problems.extend(check_env_names(container, cli));
+        problems.extend(check_switch_values(container, cli));
         problems.extend(check_flags(container, cli));
+        problems.extend(credentials::check_security(container));
     }
+    problems.extend(credentials::check_script(found));
     problems
 }
 
@@ -161,8 +175,16 @@ fn the_slurm_script_uses_only_flags_the_binaries_have() {
     let text = std::fs::read_to_string(repo_root().join(SLURM_SCRIPT)).expect("read the Slurm script");
     let found = slurm_invocations(&text);
     assert!(
-        found[1].args.windows(2).any(|w| w == ["--devices", "all"]),
+        found[2].args.windows(2).any(|w| w == ["--devices", "all"]),
         "each node's worker drives every GPU: {:?}",
+        found[2].args
+    );
+    assert!(
+        matches!(
+            credentials::security(&found[1]),
+            credentials::Security::Credentials { mutual: true, .. }
+        ),
+        "the coordinator runs mutual TLS: {:?}",
         found[1].args
     );
     let problems = script_problems(&found);
@@ -312,6 +334,135 @@ fn a_misspelt_flag_in_the_slurm_script_is_reported() {
 }
 
 #[test]
+fn both_kinds_of_pod_read_their_credentials_from_the_secret() {
+    let (objects, _) = k8s::parse_all(&k8s_files());
+    let containers: Vec<Container> = objects.iter().flat_map(|o| k8s::containers(o).0).collect();
+    assert_eq!(containers.len(), 2);
+    for container in &containers {
+        let credentials::Security::Credentials { dir, mutual } = credentials::security(container) else {
+            panic!("{} runs without credentials", container.at);
+        };
+        assert_eq!(mutual, container.binary == Binary::Coordinator, "{}", container.at);
+        let mount = container.mount_for(&dir.value).expect("the credentials are mounted");
+        assert!(mount.read_only, "{}", mount.at);
+        let owner = objects.iter().find(|o| o.id() == container.at.object).unwrap();
+        let volume = k8s::volumes(owner).into_iter().find(|(name, _)| *name == mount.volume);
+        assert!(
+            matches!(volume, Some((_, k8s::Volume::Secret { ref name, .. })) if name == "forger-credentials"),
+            "{volume:?}"
+        );
+    }
+}
+
+#[test]
+fn credentials_the_workers_cannot_read_or_lack_are_reported() {
+    // Without fsGroup the Secret's files stay root's, mode 0440.
+    let files = k8s_files_with("workers-job.yaml", &[("fsGroup: 10001", "runAsNonRoot: true")]);
+    expect_problem(
+        &k8s_problems(&files),
+        "deploy/k8s/workers-job.yaml",
+        "Job/forger-workers",
+        "spec.template.spec.volumes[credentials].secret.defaultMode",
+        "the process (user 10001) cannot read ca.pem (0440), token (0440), worker.pem (0440), worker.key (0440)",
+    );
+    // Under mutual TLS a worker needs its key as well as its certificate.
+    let files = k8s_files_with(
+        "workers-job.yaml",
+        &[(
+            "              - key: worker.key\n                path: worker.key\n",
+            "",
+        )],
+    );
+    expect_problem(
+        &k8s_problems(&files),
+        "deploy/k8s/workers-job.yaml",
+        "Job/forger-workers",
+        "spec.template.spec.volumes[credentials].secret.items",
+        "forger-worker reads worker.key in /var/lib/forger/credentials, which these items leave out",
+    );
+    // The CA's key has no business on a node.
+    let files = k8s_files_with(
+        "coordinator-statefulset.yaml",
+        &[(
+            "              - key: token\n",
+            "              - key: ca.key\n                path: ca.key\n              - key: token\n",
+        )],
+    );
+    expect_problem(
+        &k8s_problems(&files),
+        "deploy/k8s/coordinator-statefulset.yaml",
+        "StatefulSet/forger-coordinator",
+        "spec.template.spec.volumes[credentials].secret.items",
+        "mounts ca.key",
+    );
+}
+
+#[test]
+fn a_worker_secured_otherwise_than_the_coordinator_is_reported() {
+    let files = k8s_files_with(
+        "workers-job.yaml",
+        &[(
+            "- name: FORGER_CREDENTIALS\n              value: /var/lib/forger/credentials\n",
+            "- name: FORGER_INSECURE\n              value: \"1\"\n",
+        )],
+    );
+    let problems = k8s_problems(&files);
+    // `1` is no boolean to clap, so the worker would not even start ...
+    expect_problem(
+        &problems,
+        "deploy/k8s/workers-job.yaml",
+        "Job/forger-workers",
+        "spec.template.spec.containers[worker].env[FORGER_INSECURE]",
+        "`1`: forger-worker reads FORGER_INSECURE as true or false only",
+    );
+    // ... and then, with neither credentials nor --insecure, it refuses to start at all.
+    expect_problem(
+        &problems,
+        "deploy/k8s/workers-job.yaml",
+        "Job/forger-workers",
+        "spec.template.spec.containers[worker].env[FORGER_CREDENTIALS]",
+        "forger-worker refuses to start (exit 2)",
+    );
+    let files = k8s_files_with(
+        "workers-job.yaml",
+        &[(
+            "- name: FORGER_CREDENTIALS\n              value: /var/lib/forger/credentials\n",
+            "- name: FORGER_INSECURE\n              value: \"true\"\n",
+        )],
+    );
+    expect_problem(
+        &k8s_problems(&files),
+        "deploy/k8s/workers-job.yaml",
+        "Job/forger-workers",
+        "spec.template.spec.containers[worker].env[FORGER_INSECURE]",
+        "the worker runs --insecure, but the coordinator speaks TLS with /var/lib/forger/credentials",
+    );
+}
+
+#[test]
+fn slurm_workers_checking_a_name_a_kept_certificate_may_lack_are_reported() {
+    let text = std::fs::read_to_string(repo_root().join(SLURM_SCRIPT)).expect("read the Slurm script");
+    assert!(text.contains(" --tls-server-name coordinator"));
+    let found = slurm_invocations(&text.replacen(" --tls-server-name coordinator", "", 1));
+    let problems = script_problems(&found);
+    let hit = problems
+        .iter()
+        .find(|p| p.message.contains("with --keep"))
+        .unwrap_or_else(|| {
+            panic!(
+                "expected the dialled host to be reported, found:\n{}",
+                report(&problems)
+            )
+        });
+    assert!(hit.at.object.starts_with("forger-worker at line "), "{hit}");
+    assert!(
+        hit.message
+            .starts_with("the worker checks the coordinator's certificate for $head_node"),
+        "{hit}"
+    );
+}
+
+#[test]
 fn the_compose_files_agree_with_the_binaries_alone_and_with_the_gpu_override() {
     for gpu in [false, true] {
         let files = compose_files(gpu);
@@ -332,8 +483,11 @@ fn the_gpu_override_is_merged_into_the_base_file_as_compose_merges_it() {
     let (services, problems) = compose::services(&project);
     assert!(problems.is_empty(), "{}", report(&problems));
     let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["coordinator", "worker-1", "worker-2", "worker-3"]);
-    for worker in &services[1..] {
+    assert_eq!(
+        names,
+        ["credentials", "coordinator", "worker-1", "worker-2", "worker-3"]
+    );
+    for worker in &services[2..] {
         let env = &worker.container.env;
         // From the override, through its `<<` merge key and its environment ...
         assert_eq!(worker.container.image.as_deref(), Some("forger-worker:0.1.0-cuda"));
@@ -343,6 +497,10 @@ fn the_gpu_override_is_merged_into_the_base_file_as_compose_merges_it() {
         // ... and from the base file, through its anchor, kept where the override says nothing.
         assert_eq!(env["FORGER_COORDINATOR"].as_deref(), Some("http://coordinator:50051"));
         assert_eq!(env["FORGER_PATIENCE_SECS"].as_deref(), Some("300"));
+        assert_eq!(
+            env["FORGER_CREDENTIALS"].as_deref(),
+            Some("/var/lib/forger/credentials")
+        );
     }
     let origin = |field: &str| project.origin("worker-2", field).to_string();
     assert_eq!(origin("image"), COMPOSE_GPU);
@@ -496,7 +654,7 @@ fn a_compose_run_directory_mounted_read_only_is_reported() {
         &compose_problems(&files, false),
         COMPOSE,
         "services.coordinator",
-        "volumes[2]",
+        "volumes[3]",
         "/var/lib/forger/run holds the run directory /var/lib/forger/run (environment[FORGER_OUT]) but is mounted read-only",
     );
 }

@@ -16,11 +16,14 @@ use forger_common::{layout, wire};
 use forger_proto::PROTOCOL_VERSION;
 use forger_proto::order::InOrder;
 use forger_proto::pb::{self, coordinator_client::CoordinatorClient, coordinator_message::Kind as In};
+use forger_proto::tls::ClientSecurity;
+use forger_proto::token::AddToken;
 use tch::Device;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::compute::{self, Command, Job, Shard};
@@ -42,7 +45,12 @@ pub struct WorkerConfig {
     /// Leave, instead of waiting for it, when the coordinator stops the run to resume it later:
     /// for workers that belong to one coordinator process (`--local-workers`).
     pub leave_when_stopped: bool,
+    /// TLS and the job token (`--credentials`), or `--insecure`.
+    pub security: ClientSecurity,
 }
+
+/// The gRPC client, every call carrying the job token.
+type Client = CoordinatorClient<InterceptedService<Channel, AddToken>>;
 
 /// How a session ended without an error.
 enum Ended {
@@ -88,7 +96,7 @@ pub async fn run(config: WorkerConfig, leave: watch::Receiver<bool>) -> Result<(
             Err(e) if e.is_transient() => {
                 let since = *lost_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > config.patience {
-                    return Err(e);
+                    return Err(WorkerError::Protocol(format!("{e}{}", security_hint(&config.security))));
                 }
                 warn!(error = %e, "lost the coordinator or found no place; trying again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -111,13 +119,21 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
     let fingerprint = layout::fingerprint(&spec.model, image_size);
     if fingerprint != reply.layout_fingerprint {
         return Err(WorkerError::Protocol(format!(
-            "this worker lays out the parameters differently from the coordinator (fingerprint {fingerprint:x}, coordinator {:x}): versions differ",
+            "this worker (forger {}) lays out the job's model differently from the coordinator (forger {}): \
+             parameter layout {fingerprint:x} against {:x}; run the same forger release on every node",
+            env!("CARGO_PKG_VERSION"),
+            if reply.forger_version.is_empty() {
+                "older"
+            } else {
+                &reply.forger_version
+            },
             reply.layout_fingerprint
         )));
     }
     let worker_id = reply.worker_id;
     info!(worker = worker_id, rank = reply.rank, "joined");
-    let data_connection = data_link::open(&config.coordinator, worker_id, &reply.session_token).await?;
+    let data_connection =
+        data_link::open(&config.coordinator, &config.security, worker_id, &reply.session_token).await?;
     // Dropped when the session ends, which closes the connection.
     let mut link = data_link::spawn(data_connection);
 
@@ -287,9 +303,9 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
 }
 
 /// Reaches the coordinator and joins its job.
-async fn join(config: &WorkerConfig) -> Result<(CoordinatorClient<Channel>, pb::JoinReply)> {
-    let channel = connect(&config.coordinator, config.patience).await?;
-    let mut client = CoordinatorClient::new(channel);
+async fn join(config: &WorkerConfig) -> Result<(Client, pb::JoinReply)> {
+    let channel = connect(&config.coordinator, &config.security, config.patience).await?;
+    let mut client = CoordinatorClient::with_interceptor(channel, config.security.add_token());
     let host = format!("{}/{}", host_name(), std::process::id());
     let reply = client
         .join(pb::JoinRequest {
@@ -298,8 +314,18 @@ async fn join(config: &WorkerConfig) -> Result<(CoordinatorClient<Channel>, pb::
             device: device::describe_all(&config.devices),
             threads: config.threads as u32,
             replicas: config.devices.len() as u32,
+            forger_version: env!("CARGO_PKG_VERSION").into(),
         })
-        .await?
+        .await
+        .map_err(|status| match status.code() {
+            // A peer that does not speak HTTP/2 on this connection: the two ends disagree on TLS.
+            tonic::Code::Internal if status.message().contains("h2 protocol error") => WorkerError::Protocol(format!(
+                "the coordinator answered {}{}",
+                status.message(),
+                security_hint(&config.security)
+            )),
+            _ => WorkerError::Status(status),
+        })?
         .into_inner();
     Ok((client, reply))
 }
@@ -327,20 +353,25 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// What to check when the coordinator cannot be reached: the two ends may disagree on TLS.
+fn security_hint(security: &ClientSecurity) -> &'static str {
+    match security {
+        ClientSecurity::Insecure => {
+            " (if the coordinator runs with credentials, start this worker with --credentials DIR, its folder)"
+        }
+        ClientSecurity::Tls(_) => {
+            " (if the coordinator runs --insecure, start this worker with --insecure; otherwise check that \
+             --credentials is the coordinator's folder and names the host the worker dials)"
+        }
+    }
+}
+
 /// Connects with exponential backoff, so workers may start before the coordinator (or
 /// outlive a restart of it).
-async fn connect(url: &str, patience: Duration) -> Result<Channel> {
-    if url.starts_with("https://") {
-        return Err(WorkerError::Protocol(format!(
-            "`{url}`: TLS is not supported yet; use http:// on a trusted network"
-        )));
-    }
-    if !url.starts_with("http://") {
-        return Err(WorkerError::Protocol(format!(
-            "`{url}` is not a coordinator URL: write it as http://HOST:PORT"
-        )));
-    }
-    let endpoint = Endpoint::from_shared(url.to_string())
+async fn connect(url: &str, security: &ClientSecurity, patience: Duration) -> Result<Channel> {
+    let (address, _) = data_link::host_and_port(url)?;
+    let endpoint = security
+        .endpoint(&address)
         .map_err(|e| WorkerError::Protocol(format!("bad coordinator address `{url}`: {e}")))?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(wire::STREAM_WINDOW))
@@ -364,21 +395,17 @@ async fn connect(url: &str, patience: Duration) -> Result<Channel> {
             }
             Err(e) => {
                 return Err(WorkerError::Protocol(format!(
-                    "could not reach the coordinator at {url} within {} s: {}",
+                    "could not reach the coordinator at {url} within {} s: {}{}",
                     patience.as_secs(),
-                    with_causes(&e)
+                    with_causes(&e),
+                    security_hint(security)
                 )));
             }
         }
     }
 }
 
-async fn fetch_shard(
-    client: &mut CoordinatorClient<Channel>,
-    worker_id: u64,
-    shard: u32,
-    image_size: u32,
-) -> Result<Shard> {
+async fn fetch_shard(client: &mut Client, worker_id: u64, shard: u32, image_size: u32) -> Result<Shard> {
     let mut stream = client
         .fetch_shard(pb::ShardRequest { worker_id, shard })
         .await?

@@ -3,9 +3,10 @@
 //! everything else.
 
 use forger_common::wire::CHUNK_VALUES;
+use forger_proto::connection::Connection;
 use forger_proto::data::{self, FrameLink};
+use forger_proto::tls::ClientSecurity;
 use forger_proto::{PROTOCOL_VERSION, pb};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tonic::transport::Uri;
 
@@ -16,38 +17,51 @@ const MAX_PAYLOAD: usize = CHUNK_VALUES * 4;
 
 /// Opens the data connection to the coordinator at `url` (its gRPC URL: the same host and
 /// port serve both) for the worker that joined as `worker_id` with `token`.
-pub async fn open(url: &str, worker_id: u64, token: &[u8]) -> Result<TcpStream> {
-    let address = host_and_port(url)?;
+pub async fn open(url: &str, security: &ClientSecurity, worker_id: u64, token: &[u8]) -> Result<Connection> {
+    let (address, host) = host_and_port(url)?;
     let hello = pb::DataHello {
         protocol_version: PROTOCOL_VERSION,
         worker_id,
         session_token: token.to_vec().into(),
     };
-    data::connect(&address, &hello).await.map_err(|e| {
+    data::connect(&address, &host, security, &hello).await.map_err(|e| {
         // A refusal (the place was lost, say) and a broken connection both mean: join again.
         WorkerError::Disconnected(format!("data connection to {address}: {e}"))
     })
 }
 
-/// `host:port` of an `http://host:port` URL; without a port, HTTP's 80.
-fn host_and_port(url: &str) -> Result<String> {
+/// `host:port` of an `http://host:port` or `https://host:port` URL (without a port, 80 or
+/// 443), and the host alone. The scheme only spells the address: TLS is on unless the worker
+/// runs `--insecure`.
+pub fn host_and_port(url: &str) -> Result<(String, String)> {
     let uri: Uri = url
         .parse()
         .map_err(|e| WorkerError::Protocol(format!("bad coordinator address `{url}`: {e}")))?;
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => {
+            return Err(WorkerError::Protocol(format!(
+                "`{url}` is not a coordinator URL: write it as http://HOST:PORT"
+            )));
+        }
+    };
     let authority = uri
         .authority()
         .ok_or_else(|| WorkerError::Protocol(format!("the coordinator address `{url}` names no host")))?;
-    Ok(match authority.port_u16() {
-        Some(_) => authority.as_str().to_string(),
-        None => format!("{}:80", authority.host()),
-    })
+    let host = authority.host().to_string();
+    let address = match authority.port_u16() {
+        Some(port) => format!("{host}:{port}"),
+        None => format!("{host}:{default_port}"),
+    };
+    Ok((address, host))
 }
 
 /// The worker's data connection: gradient chunks up, parameter chunks down.
 pub type DataLink = FrameLink<pb::GradientChunk, pb::ParamsChunk>;
 
 /// Opens the link on an accepted connection.
-pub fn spawn(stream: TcpStream) -> DataLink {
+pub fn spawn(stream: Connection) -> DataLink {
     FrameLink::spawn(stream, MAX_PAYLOAD)
 }
 
@@ -79,10 +93,15 @@ mod tests {
 
     #[test]
     fn the_data_connection_goes_to_the_grpc_host_and_port() {
-        assert_eq!(host_and_port("http://10.0.0.5:50051").unwrap(), "10.0.0.5:50051");
-        assert_eq!(host_and_port("http://coordinator:7000/").unwrap(), "coordinator:7000");
-        assert_eq!(host_and_port("http://[::1]:50051").unwrap(), "[::1]:50051");
-        assert_eq!(host_and_port("http://coordinator").unwrap(), "coordinator:80");
+        let address = |url| host_and_port(url).unwrap().0;
+        assert_eq!(address("http://10.0.0.5:50051"), "10.0.0.5:50051");
+        assert_eq!(address("http://coordinator:7000/"), "coordinator:7000");
+        assert_eq!(address("http://[::1]:50051"), "[::1]:50051");
+        assert_eq!(address("http://coordinator"), "coordinator:80");
+        assert_eq!(address("https://coordinator"), "coordinator:443");
+        assert_eq!(host_and_port("https://coordinator:50051").unwrap().1, "coordinator");
         assert!(host_and_port("not a url").is_err());
+        assert!(host_and_port("coordinator:50051").is_err());
+        assert!(host_and_port("ftp://coordinator:50051").is_err());
     }
 }

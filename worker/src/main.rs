@@ -4,8 +4,14 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use forger_proto::tls::ClientSecurity;
 use forger_worker::client::{self, WorkerConfig};
 use forger_worker::{device, generate};
+
+/// A command line that cannot work: exit code 2, like clap's own errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 /// A forger worker: computes the DCGAN's losses and gradients with libtorch.
 #[derive(Debug, Parser)]
@@ -13,9 +19,21 @@ use forger_worker::{device, generate};
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// The coordinator's address, for example http://10.0.0.5:50051.
+    /// The coordinator's address, for example http://10.0.0.5:50051 (TLS is on unless
+    /// --insecure, whichever the scheme).
     #[arg(long, env = "FORGER_COORDINATOR")]
     coordinator: Option<String>,
+    /// The cluster's credentials folder (from `forger-coordinator credentials`): its CA, its
+    /// job token and, for mutual TLS, the workers' certificate.
+    #[arg(long, env = "FORGER_CREDENTIALS", conflicts_with = "insecure")]
+    credentials: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry, when workers reach it by another
+    /// (an address behind a proxy, say). Default: the host of --coordinator.
+    #[arg(long, env = "FORGER_TLS_SERVER_NAME", conflicts_with = "insecure")]
+    tls_server_name: Option<String>,
+    /// No TLS and no job token, for a coordinator started with --insecure.
+    #[arg(long, env = "FORGER_INSECURE")]
+    insecure: bool,
     /// auto, cpu, cuda or cuda:N. `cuda` without a usable GPU is an error.
     #[arg(long, env = "FORGER_DEVICE", default_value = "auto", conflicts_with = "devices")]
     device: String,
@@ -94,6 +112,10 @@ fn main() -> std::process::ExitCode {
         .init();
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<UsageError>() => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(1)
@@ -169,9 +191,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{line}");
         return Ok(());
     }
-    let coordinator = args
-        .coordinator
-        .context("--coordinator URL is required (or FORGER_COORDINATOR)")?;
+    let Some(coordinator) = args.coordinator else {
+        return Err(UsageError("--coordinator URL is required (or FORGER_COORDINATOR)".into()).into());
+    };
+    let security = match (&args.credentials, args.insecure) {
+        (Some(dir), _) => ClientSecurity::load(dir, args.tls_server_name.clone())?,
+        (None, true) => {
+            eprintln!("WARNING: --insecure: no TLS and no job token; gradients and parameters travel in the clear");
+            ClientSecurity::Insecure
+        }
+        (None, false) => {
+            return Err(UsageError(
+                "the worker needs the cluster's credentials: --credentials DIR (the folder the coordinator uses), \
+                 or --insecure for a coordinator started with --insecure"
+                    .into(),
+            )
+            .into());
+        }
+    };
     let devices = match &args.devices {
         Some(list) => device::resolve_list(list)?,
         None => vec![device::resolve(&args.device)?],
@@ -195,6 +232,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         threads,
         patience: std::time::Duration::from_secs(args.patience_secs),
         leave_when_stopped: args.leave_when_stopped,
+        security,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

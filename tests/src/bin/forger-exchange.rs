@@ -53,6 +53,11 @@ enum Cmd {
         /// still moves f32 both ways.
         #[arg(long)]
         bf16: bool,
+        /// TLS on both connections and the job token on every call, with credentials made by
+        /// `forger-coordinator credentials` (the default of a real cluster); without it the
+        /// coordinator runs --insecure.
+        #[arg(long)]
+        tls: bool,
         /// The cluster run must end within this many seconds.
         #[arg(long, default_value_t = 900)]
         timeout_secs: u64,
@@ -82,6 +87,9 @@ enum Cmd {
         url: String,
         #[arg(long)]
         report: PathBuf,
+        /// The credentials folder (none: --insecure).
+        #[arg(long)]
+        credentials: Option<PathBuf>,
     },
     /// (internal) One TCP copy client process.
     #[command(hide = true)]
@@ -119,6 +127,7 @@ fn run(command: Cmd) -> anyhow::Result<Option<serde_json::Value>> {
             coordinator,
             no_tcp,
             bf16,
+            tls,
             timeout_secs,
         } => {
             let model = exchange::model(&filters)?;
@@ -137,12 +146,14 @@ fn run(command: Cmd) -> anyhow::Result<Option<serde_json::Value>> {
                     None => allreduce::default_coordinator()?,
                 },
                 timeout: Duration::from_secs(timeout_secs),
+                tls,
             };
             let exchange = allreduce::run(&config)?;
             // The update alone, to set against the phases' wait (a few repetitions only).
             let update = reduce_cost::update_cost(&model, workers as usize, 5);
             let mut report = json!({
                 "benchmark": "allreduce",
+                "tls": tls,
                 "d_filters": model.d_filters,
                 "g_filters": model.g_filters,
                 "exchange": exchange,
@@ -185,8 +196,12 @@ fn run(command: Cmd) -> anyhow::Result<Option<serde_json::Value>> {
             );
             reduce_cost::run(&exchange::model(&filters)?, workers, repetitions)
         }
-        Cmd::FakeWorker { url, report } => {
-            peer::main(&url, &report)?;
+        Cmd::FakeWorker {
+            url,
+            report,
+            credentials,
+        } => {
+            peer::main(&url, &report, credentials.as_deref())?;
             return Ok(None);
         }
         Cmd::TcpClient { addr, bytes, rounds } => {

@@ -26,6 +26,9 @@ pub struct Config {
     pub coordinator: PathBuf,
     /// The whole run must end within this.
     pub timeout: Duration,
+    /// TLS and the job token (credentials made by `forger-coordinator credentials`), or
+    /// `--insecure`.
+    pub tls: bool,
 }
 
 /// `forger-coordinator` beside this executable.
@@ -106,6 +109,20 @@ pub fn run(config: &Config) -> anyhow::Result<Value> {
     let address = free_address()?;
     let url = format!("http://{address}");
 
+    let credentials = dir.path().join("credentials");
+    if config.tls {
+        let made = Command::new(&config.coordinator)
+            .args(["credentials", "--out"])
+            .arg(&credentials)
+            .output()
+            .context("cannot run forger-coordinator credentials")?;
+        if !made.status.success() {
+            bail!(
+                "forger-coordinator credentials failed: {}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+        }
+    }
     let mut command = Command::new(&config.coordinator);
     command
         .arg("--spec")
@@ -114,6 +131,11 @@ pub fn run(config: &Config) -> anyhow::Result<Value> {
         .arg(&run_dir)
         .args(["--listen", &address])
         .env("RUST_LOG", "info");
+    if config.tls {
+        command.arg("--credentials").arg(&credentials);
+    } else {
+        command.arg("--insecure");
+    }
     let mut coordinator = Spawned::start("forger-coordinator", command, dir.path().join("coordinator.log"))?;
     wait_listening(&mut coordinator, &address, Duration::from_secs(60))?;
     eprintln!(
@@ -128,6 +150,9 @@ pub fn run(config: &Config) -> anyhow::Result<Value> {
         command
             .args(["fake-worker", "--url", &url, "--report"])
             .arg(dir.path().join(format!("worker-{i}.json")));
+        if config.tls {
+            command.arg("--credentials").arg(&credentials);
+        }
         let log = dir.path().join(format!("worker-{i}.log"));
         workers.push(Spawned::start(&format!("fake worker {i}"), command, log)?);
     }

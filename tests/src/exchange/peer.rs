@@ -12,6 +12,7 @@ use forger_common::compression::GradientCompression;
 use forger_common::layout;
 use forger_common::wire;
 use forger_proto::pb::{self, coordinator_message::Kind as In, worker_message::Kind as Out};
+use forger_proto::tls::ClientSecurity;
 use serde_json::json;
 
 use crate::fake_worker::FakeWorker;
@@ -34,18 +35,22 @@ struct PhaseTimes {
 }
 
 /// Runs one fake worker against `url` and writes its timings to `report`.
-pub fn main(url: &str, report: &Path) -> anyhow::Result<()> {
+pub fn main(url: &str, report: &Path, credentials: Option<&Path>) -> anyhow::Result<()> {
+    let security = match credentials {
+        Some(dir) => ClientSecurity::load(dir, None)?,
+        None => ClientSecurity::Insecure,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    let value = runtime.block_on(run(url))?;
+    let value = runtime.block_on(run(url, &security))?;
     std::fs::write(report, serde_json::to_vec(&value)?).with_context(|| format!("cannot write {}", report.display()))
 }
 
-async fn run(url: &str) -> anyhow::Result<serde_json::Value> {
-    let mut worker = FakeWorker::join(url).await;
+async fn run(url: &str, security: &ClientSecurity) -> anyhow::Result<serde_json::Value> {
+    let mut worker = FakeWorker::join_secured(url, security, 1).await;
     let shards = worker.take_assignment().await;
     eprintln!(
         "fake worker {} (slot {}) holds shards {shards:?}",

@@ -20,6 +20,9 @@ pub struct Surface {
     /// Long flags without their dashes.
     pub flags: BTreeSet<String>,
     pub env: BTreeSet<String>,
+    /// The variables of flags that take no value (`--mtls`): clap reads them as `true` or
+    /// `false` and refuses anything else (`1`, `yes`) at start.
+    pub switches: BTreeSet<String>,
 }
 
 impl Surface {
@@ -29,10 +32,16 @@ impl Surface {
             command: command.to_string(),
             ..Surface::default()
         };
+        // Whether the option last named takes no value; its `[env: ...]` may come lines later.
+        let mut switch = false;
         for line in help.lines() {
             let trimmed = line.trim_start();
             // Option lines start with the option: `-h, --help` or `--spec <SPEC>`.
             if trimmed.starts_with('-') {
+                // A value shows as `<SPEC>` or `[=<yes|no|auto>]`, before any description
+                // on the same line (two spaces on).
+                let option = trimmed.split("  ").next().unwrap_or(trimmed);
+                switch = !option.contains('<');
                 for word in trimmed.split([' ', ',']) {
                     if let Some(flag) = word.strip_prefix("--") {
                         let name: String = flag
@@ -54,6 +63,9 @@ impl Surface {
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
                 if !name.is_empty() {
+                    if switch {
+                        surface.switches.insert(name.clone());
+                    }
                     surface.env.insert(name);
                 }
             }
@@ -175,6 +187,13 @@ Options:
       --patience-secs <PATIENCE_SECS>
           How long [env: FORGER_PATIENCE_SECS=] [default: 300]
 
+      --insecure
+          No TLS
+
+          [env: FORGER_INSECURE=]
+
+      --resume[=<yes|no|auto>]  Continue [env: FORGER_RESUME=]
+
   -h, --help
           Print help (see a summary with '-h')
 ";
@@ -184,11 +203,21 @@ Options:
         let surface = Surface::parse("forger-worker", TOP);
         assert_eq!(
             surface.flags.iter().map(String::as_str).collect::<Vec<_>>(),
-            ["coordinator", "help", "patience-secs"]
+            ["coordinator", "help", "insecure", "patience-secs", "resume"]
         );
         assert_eq!(
             surface.env.iter().map(String::as_str).collect::<Vec<_>>(),
-            ["FORGER_COORDINATOR", "FORGER_PATIENCE_SECS"]
+            [
+                "FORGER_COORDINATOR",
+                "FORGER_INSECURE",
+                "FORGER_PATIENCE_SECS",
+                "FORGER_RESUME"
+            ]
+        );
+        // Only the flag that takes no value reads its variable as a boolean.
+        assert_eq!(
+            surface.switches.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["FORGER_INSECURE"]
         );
         assert_eq!(subcommands(TOP), ["generate"]);
     }

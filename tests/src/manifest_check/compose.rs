@@ -368,6 +368,11 @@ pub fn check(project: &Project, root: &Path, coordinator_cli: &Cli, worker_cli: 
         problems.extend(check_container(container, cli));
         problems.extend(check_published(service));
         problems.extend(check_volumes(project, container));
+        // A one-off run of a subcommand (`forger-coordinator credentials`) is neither the
+        // coordinator nor a worker; its flags were checked above.
+        if container.subcommand().is_some() {
+            continue;
+        }
         match container.binary {
             Binary::Coordinator => {
                 if service.processes != 1 {

@@ -107,13 +107,15 @@ pub fn check_endpoints(
             ));
             continue;
         };
-        let Some(address) = url.value.strip_prefix("http://") else {
+        // TLS or not is the worker's --credentials or --insecure, whichever scheme it dials.
+        let Some(address) = url
+            .value
+            .strip_prefix("http://")
+            .or_else(|| url.value.strip_prefix("https://"))
+        else {
             problems.push(Problem::new(
                 url.at,
-                format!(
-                    "`{}` must start with http:// (the worker dials plain HTTP/2)",
-                    url.value
-                ),
+                format!("`{}` must start with http:// or https://", url.value),
             ));
             continue;
         };
@@ -181,5 +183,30 @@ mod tests {
         let (port, problems) = check_listen(&coordinator(&[]));
         assert_eq!(port, None);
         assert!(problems[0].message.contains("default"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn a_worker_may_dial_either_scheme_but_no_other() {
+        let coordinator = coordinator(&[("FORGER_LISTEN", "0.0.0.0:7")]);
+        let endpoint = Endpoint {
+            at: Location::new("s.yaml", "Service/c", "spec.ports[0].targetPort"),
+            host: "c".into(),
+            port: 7,
+            target: TargetPort::Number(7),
+        };
+        let worker = |url: &str| {
+            let mut w = Container::new(Location::new("w.yaml", "Job/w", "containers[w]"), Binary::Worker);
+            w.env.insert("FORGER_COORDINATOR".into(), Some(url.into()));
+            w
+        };
+        let problems = |url: &str| check_endpoints(&coordinator, 7, std::slice::from_ref(&endpoint), &[worker(url)]);
+        assert_eq!(problems("http://c:7"), []);
+        assert_eq!(problems("https://c:7"), []);
+        let found = problems("grpc://c:7");
+        assert!(
+            found[0].message.contains("must start with http:// or https://"),
+            "{}",
+            found[0]
+        );
     }
 }

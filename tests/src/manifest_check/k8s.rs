@@ -11,10 +11,17 @@ use std::path::Path;
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::manifest_check::cli::Cli;
+use crate::manifest_check::credentials::{self, Security};
 use crate::manifest_check::{
     Binary, Container, Deployed, Endpoint, GPU_TAG_SUFFIX, Location, Mount, Port, Problem, TargetPort, check_container,
-    check_endpoints, check_listen, check_spec,
+    check_endpoints, check_listen, check_spec, join,
 };
+use forger_proto::tls::files;
+
+/// The user and group the images run as (deploy/docker/*.Dockerfile), unless the pod says
+/// otherwise (`runAsUser`, `runAsGroup`).
+pub const IMAGE_USER: i64 = 10001;
+pub const IMAGE_GROUP: i64 = 10001;
 
 /// One object of a manifest file.
 #[derive(Debug, Clone)]
@@ -128,8 +135,33 @@ pub enum Volume {
     Claim { name: String },
     /// A StatefulSet's volumeClaimTemplates entry: a claim per pod, made by Kubernetes.
     ClaimTemplate,
+    /// A Secret's entries as files: all of them, or only `items`; each file's mode is its
+    /// item's, else `default_mode`, else Kubernetes' 0644.
+    Secret {
+        name: String,
+        items: Vec<SecretItem>,
+        default_mode: Option<u32>,
+    },
     /// Anything else (emptyDir, hostPath, ...).
     Other,
+}
+
+/// One entry of a Secret volume's `items`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretItem {
+    pub key: String,
+    pub path: String,
+    pub mode: Option<u32>,
+}
+
+/// A file mode as the manifest writes it. yaml-rust2 reads YAML 1.2, where `0440` is the
+/// decimal 440, while kubectl reads YAML 1.1, where it is octal: the manifests write modes in
+/// decimal (288 for 0440), which both read alike.
+fn file_mode(value: &Yaml) -> Option<u32> {
+    value
+        .as_i64()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n <= 0o777)
 }
 
 /// The volumes a pod can mount, by name.
@@ -151,6 +183,22 @@ pub fn volumes(object: &Object) -> Vec<(String, Volume)> {
                     .filter_map(|i| Some((i["key"].as_str()?.to_string(), i["path"].as_str()?.to_string())))
                     .collect(),
             }
+        } else if volume["secret"].is_hash() {
+            let secret = &volume["secret"];
+            Volume::Secret {
+                name: secret["secretName"].as_str().unwrap_or_default().to_string(),
+                items: list(&secret["items"])
+                    .iter()
+                    .filter_map(|i| {
+                        Some(SecretItem {
+                            key: i["key"].as_str()?.to_string(),
+                            path: i["path"].as_str()?.to_string(),
+                            mode: file_mode(&i["mode"]),
+                        })
+                    })
+                    .collect(),
+                default_mode: file_mode(&secret["defaultMode"]),
+            }
         } else if let Some(claim) = volume["persistentVolumeClaim"]["claimName"].as_str() {
             Volume::Claim {
                 name: claim.to_string(),
@@ -170,6 +218,24 @@ pub fn volumes(object: &Object) -> Vec<(String, Volume)> {
     found
 }
 
+/// Where a container entry of a pod template is: by its name, else its index.
+fn entry_at(object: &Object, pod_field: &str, list_name: &str, index: usize, entry: &Yaml) -> Location {
+    let label = entry["name"].as_str().map_or_else(|| index.to_string(), str::to_string);
+    object.at(&format!("{pod_field}.{list_name}[{label}]"))
+}
+
+/// The YAML a container was read from.
+fn container_entry<'o>(object: &'o Object, container: &Container) -> Option<&'o Yaml> {
+    let (pod, pod_field) = object.pod_spec()?;
+    ["initContainers", "containers"].into_iter().find_map(|list_name| {
+        list(&pod[list_name])
+            .iter()
+            .enumerate()
+            .find(|(i, entry)| entry_at(object, pod_field, list_name, *i, entry) == container.at)
+            .map(|(_, entry)| entry)
+    })
+}
+
 /// The forger containers of an object's pod template, and what in them cannot be read.
 pub fn containers(object: &Object) -> (Vec<Container>, Vec<Problem>) {
     let mut found = Vec::new();
@@ -182,8 +248,7 @@ pub fn containers(object: &Object) -> (Vec<Container>, Vec<Problem>) {
         ("containers", &pod["containers"]),
     ] {
         for (i, entry) in list(entries).iter().enumerate() {
-            let label = entry["name"].as_str().map_or_else(|| i.to_string(), str::to_string);
-            let at = object.at(&format!("{pod_field}.{list_name}[{label}]"));
+            let at = entry_at(object, pod_field, list_name, i, entry);
             let Some(image) = entry["image"].as_str() else {
                 continue;
             };
@@ -408,6 +473,137 @@ fn check_volumes(owner: &Object, container: &Container) -> Vec<Problem> {
     problems
 }
 
+/// Whether a container of `owner` may read a Secret's file of `mode`. The kubelet writes a
+/// Secret's files as root's; with the pod's `fsGroup` it gives them to that group and adds
+/// read for it (`mode | 0440`), and the process is in that group (pkg/volume/volume_linux.go).
+fn secret_file_readable(owner: &Object, entry: &Yaml, mode: u32) -> bool {
+    let Some((pod, _)) = owner.pod_spec() else {
+        return true;
+    };
+    let pod_context = &pod["securityContext"];
+    let context = &entry["securityContext"];
+    let either = |field: &str| context[field].as_i64().or_else(|| pod_context[field].as_i64());
+    let user = either("runAsUser").unwrap_or(IMAGE_USER);
+    let fs_group = pod_context["fsGroup"].as_i64();
+    let (file_group, mode) = match fs_group {
+        Some(group) => (group, mode | 0o440),
+        None => (0, mode),
+    };
+    let mut groups = vec![either("runAsGroup").unwrap_or(IMAGE_GROUP)];
+    groups.extend(fs_group);
+    groups.extend(list(&pod_context["supplementalGroups"]).iter().filter_map(Yaml::as_i64));
+    user == 0 || mode & 0o004 != 0 || (mode & 0o040 != 0 && groups.contains(&file_group))
+}
+
+/// The credentials folder a container reads must reach it whole and readable: from a Secret
+/// rather than a ConfigMap (which anyone allowed to read the namespace's configuration can
+/// read), with every file its binary opens when the volume lists `items`, without the CA's
+/// key (no running process needs it, and whoever has it can sign a certificate the cluster
+/// trusts), and with modes the process's user may read. `mutual` is the coordinator's
+/// `--mtls`, which decides what a worker needs too.
+fn check_credentials_volume(owner: &Object, container: &Container, mutual: bool) -> Vec<Problem> {
+    let (Security::Credentials { dir, .. }, Some((_, pod_field))) =
+        (credentials::security(container), owner.pod_spec())
+    else {
+        return Vec::new();
+    };
+    if container.subcommand().is_some() {
+        return Vec::new();
+    }
+    // check_mounts reports a folder on no volume, check_volumes a volume that is not there.
+    let Some(mount) = container.mount_for(&dir.value) else {
+        return Vec::new();
+    };
+    let Some((_, volume)) = volumes(owner).into_iter().find(|(name, _)| *name == mount.volume) else {
+        return Vec::new();
+    };
+    let volume_at = |field: &str| owner.at(&format!("{pod_field}.volumes[{}].{field}", mount.volume));
+    let (items, default_mode) = match volume {
+        Volume::Secret {
+            items, default_mode, ..
+        } => (items, default_mode),
+        Volume::ConfigMap { name, .. } => {
+            return vec![Problem::new(
+                volume_at("configMap"),
+                format!(
+                    "the credentials {} come from ConfigMap {name}: keys and the job token belong in a Secret",
+                    dir.value
+                ),
+            )];
+        }
+        _ => return Vec::new(),
+    };
+    // Where the folder's files lie in the volume.
+    let below = dir.value.trim_end_matches('/')[mount.path.trim_end_matches('/').len()..].trim_matches('/');
+    let prefix = [mount.sub_path.as_deref().unwrap_or(""), below]
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("{}/", p.trim_matches('/')))
+        .collect::<String>();
+    let mut wanted = credentials::files_read(container.binary, mutual);
+    let item = |file: &str| items.iter().find(|i| i.path == format!("{prefix}{file}"));
+    // A worker shows its certificate whenever the folder has one, and then needs its key.
+    if container.binary == Binary::Worker && !items.is_empty() && item(files::WORKER_CERT).is_some() {
+        for file in [files::WORKER_CERT, files::WORKER_KEY] {
+            if !wanted.contains(&file) {
+                wanted.push(file);
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    if !items.is_empty() {
+        let missing: Vec<&str> = wanted.iter().copied().filter(|f| item(f).is_none()).collect();
+        if !missing.is_empty() {
+            problems.push(Problem::new(
+                volume_at("secret.items"),
+                format!(
+                    "{} reads {} in {}, which these items leave out{}",
+                    container.binary.name(),
+                    missing.join(", "),
+                    dir.value,
+                    if mutual && container.binary == Binary::Worker {
+                        " (the coordinator asks for the workers' certificate: FORGER_MTLS)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if items.iter().any(|i| i.key == files::CA_KEY) {
+            problems.push(Problem::new(
+                volume_at("secret.items"),
+                format!(
+                    "mounts {}: no running process reads it, and whoever does can sign certificates this cluster \
+                     trusts; leave it out",
+                    files::CA_KEY
+                ),
+            ));
+        }
+    }
+    let Some(entry) = container_entry(owner, container) else {
+        return problems;
+    };
+    let unreadable: Vec<String> = wanted
+        .iter()
+        .filter_map(|file| {
+            let mode = item(file).and_then(|i| i.mode).or(default_mode).unwrap_or(0o644);
+            (!secret_file_readable(owner, entry, mode)).then(|| format!("{file} ({mode:04o})"))
+        })
+        .collect();
+    if !unreadable.is_empty() {
+        problems.push(Problem::new(
+            volume_at("secret.defaultMode"),
+            format!(
+                "the process (user {}) cannot read {}: the Secret's files are root's; set the pod's \
+                 securityContext.fsGroup to {IMAGE_GROUP}, which gives them to the image's group",
+                IMAGE_USER,
+                join(unreadable)
+            ),
+        ));
+    }
+    problems
+}
+
 /// Every check of a set of manifests against the binaries: each container on its own, then
 /// the coordinator, its Service and the workers together, then the spec.
 pub fn check(objects: &[Object], coordinator_cli: &Cli, worker_cli: &Cli) -> Vec<Problem> {
@@ -449,7 +645,7 @@ pub fn check(objects: &[Object], coordinator_cli: &Cli, worker_cli: &Cli) -> Vec
                     if let Err(problem) = deployed.add(&object.id(), pods, &container) {
                         problems.push(problem);
                     }
-                    workers.push(container);
+                    workers.push((object, container));
                 }
             }
         }
@@ -471,6 +667,16 @@ pub fn check(objects: &[Object], coordinator_cli: &Cli, worker_cli: &Cli) -> Vec
             "no worker container (image forger-worker)",
         ));
     }
+    let mutual = matches!(
+        credentials::security(coordinator),
+        Security::Credentials { mutual: true, .. }
+    );
+    problems.extend(check_credentials_volume(owner, coordinator, mutual));
+    for (object, worker) in &workers {
+        problems.extend(check_credentials_volume(object, worker, mutual));
+    }
+    let workers: Vec<Container> = workers.into_iter().map(|(_, worker)| worker).collect();
+    problems.extend(credentials::check_agreement(coordinator, &workers));
     let endpoints: Vec<Endpoint> = objects
         .iter()
         .filter(|o| o.kind == "Service")
@@ -577,6 +783,65 @@ mod tests {
         );
         assert_eq!(image_binary("forger-worker@sha256:abc"), Some(Binary::Worker));
         assert_eq!(image_binary("busybox:1.36"), None);
+    }
+
+    #[test]
+    fn a_secret_s_files_are_readable_through_the_fs_group_their_mode_or_root() {
+        let problems_of = |security: &str, mode: u32, mutual: bool| {
+            let text = format!(
+                "\
+kind: Pod
+metadata: {{name: w}}
+spec:
+  securityContext: {security}
+  containers:
+    - name: w
+      image: forger-worker:1
+      env:
+        - {{name: FORGER_CREDENTIALS, value: /creds/cluster}}
+      volumeMounts:
+        - {{name: c, mountPath: /creds, readOnly: true}}
+  volumes:
+    - name: c
+      secret:
+        secretName: s
+        defaultMode: {mode}
+        items:
+          - {{key: ca.pem, path: cluster/ca.pem}}
+          - {{key: token, path: cluster/token, mode: 420}}
+"
+            );
+            let objects = parse("p.yaml", &text).unwrap();
+            let (found, _) = containers(&objects[0]);
+            check_credentials_volume(&objects[0], &found[0], mutual)
+        };
+        let problems = |security: &str, mode: u32| problems_of(security, mode, false);
+        // 0400, and the fsGroup adds 0440 for its group.
+        assert_eq!(problems("{fsGroup: 10001}", 0o400), []);
+        // Without it only the token, 0644 by its item's mode, is readable by user 10001.
+        let found = problems("{}", 0o400);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].at.field, "spec.volumes[c].secret.defaultMode");
+        assert!(
+            found[0]
+                .message
+                .starts_with("the process (user 10001) cannot read ca.pem (0400): "),
+            "{}",
+            found[0]
+        );
+        assert_eq!(problems("{runAsUser: 0}", 0o400), []);
+        assert_eq!(problems("{runAsGroup: 0}", 0o440), []);
+        // Under mutual TLS the worker also opens its certificate and key, which the items lack.
+        let found = problems_of("{fsGroup: 10001}", 0o400, true);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].at.field, "spec.volumes[c].secret.items");
+        assert!(
+            found[0].message.starts_with(
+                "forger-worker reads worker.pem, worker.key in /creds/cluster, which these items leave out"
+            ),
+            "{}",
+            found[0]
+        );
     }
 
     #[test]

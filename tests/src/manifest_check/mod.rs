@@ -11,12 +11,13 @@
 //! its arguments and its volume mounts. [`k8s`] reads Kubernetes manifests into containers,
 //! [`compose`] reads docker-compose files (an override merged in as Compose merges it),
 //! [`script`] finds the invocations in a shell script, and [`cli`] reads what a binary
-//! accepts; the checks here and in `endpoints` (ports and addresses) work on containers
-//! alone, so every reader shares them. Each problem names the file, the object and the field
-//! to fix.
+//! accepts; the checks here, in `endpoints` (ports and addresses) and in [`credentials`] (TLS
+//! and the job token) work on containers alone, so every reader shares them. Each problem
+//! names the file, the object and the field to fix.
 
 pub mod cli;
 pub mod compose;
+pub mod credentials;
 mod endpoints;
 pub mod k8s;
 pub mod script;
@@ -190,6 +191,15 @@ impl Container {
         }
     }
 
+    /// The subcommand the container runs (`credentials`), when its first argument is one
+    /// rather than a flag.
+    pub fn subcommand(&self) -> Option<&str> {
+        self.args
+            .first()
+            .map(String::as_str)
+            .filter(|first| !first.starts_with('-'))
+    }
+
     fn env_at(&self, name: &str) -> Location {
         self.at.child(&format!("{}[{name}]", self.env_field))
     }
@@ -265,6 +275,29 @@ pub fn check_env_names(container: &Container, cli: &Cli) -> Vec<Problem> {
         .collect()
 }
 
+/// A variable of a flag that takes no value (`FORGER_MTLS` for `--mtls`) must be `true` or
+/// `false`: clap refuses `1`, `yes` or an empty value, and the binary does not start.
+pub fn check_switch_values(container: &Container, cli: &Cli) -> Vec<Problem> {
+    let Ok(surface) = cli.surface_for(&container.args) else {
+        return Vec::new();
+    };
+    container
+        .env
+        .iter()
+        .filter_map(|(name, value)| Some((name, value.as_deref()?)))
+        .filter(|(name, value)| surface.switches.contains(*name) && !["true", "false"].contains(value))
+        .map(|(name, value)| {
+            Problem::new(
+                container.env_at(name),
+                format!(
+                    "`{value}`: {} reads {name} as true or false only, and refuses to start on anything else",
+                    surface.command
+                ),
+            )
+        })
+        .collect()
+}
+
 /// Every `--flag` in the arguments must be one its binary (or the subcommand they name)
 /// accepts: clap refuses an unknown flag, but only once the container is running.
 pub fn check_flags(container: &Container, cli: &Cli) -> Vec<Problem> {
@@ -295,15 +328,16 @@ pub fn check_flags(container: &Container, cli: &Cli) -> Vec<Problem> {
     problems
 }
 
-/// The spec, run directory and dataset the coordinator is told to use must each be on a
-/// mounted volume (a path inside the image is lost with the container), and the run
-/// directory's must be writable.
+/// The spec, run directory, dataset and credentials folder a container is told to use must
+/// each be on a mounted volume (a path inside the image is lost with the container, or holds
+/// nothing), and the run directory's must be writable.
 pub fn check_mounts(container: &Container) -> Vec<Problem> {
     let mut problems = Vec::new();
     for (flag, env, writes) in [
         ("--spec", "FORGER_SPEC", false),
         ("--out", "FORGER_OUT", true),
         ("--data", "FORGER_DATA", false),
+        ("--credentials", "FORGER_CREDENTIALS", false),
     ] {
         let Some(setting) = container.setting(flag, env) else {
             continue;
@@ -423,8 +457,10 @@ pub fn check_gpu_image(container: &Container) -> Vec<Problem> {
 /// Every check that applies to a container on its own.
 pub fn check_container(container: &Container, cli: &Cli) -> Vec<Problem> {
     let mut problems = check_env_names(container, cli);
+    problems.extend(check_switch_values(container, cli));
     problems.extend(check_flags(container, cli));
     problems.extend(check_mounts(container));
+    problems.extend(credentials::check_security(container));
     problems.extend(check_gpu_image(container));
     problems
 }

@@ -1,18 +1,20 @@
 //! Reading the image folder into the prepared dataset the workers train on (the coordinator's,
 //! and the single-process benchmark loop's).
 //!
-//! Each file is decoded, centre-cropped to a square, resized to the job's image size and kept
-//! as interleaved RGB bytes. Files that do not decode are skipped and counted with their
-//! reason; the caller reports them.
+//! Every file under the folder (subfolders included, see [`listing`]) is tried: it either
+//! decodes into the job's image size ([`decode`]) or is skipped with its reason ([`skip`]),
+//! which the caller reports as one summary line and a report file.
+
+mod decode;
+mod listing;
+mod skip;
 
 use std::path::{Path, PathBuf};
 
-use image::imageops::FilterType;
+pub use decode::{MAX_DECODE_BYTES, MAX_SIDE, MIN_SIDE_FRACTION, prepare_image};
+pub use skip::{SkipKind, Skipped, report, report_path, summary};
 
-use crate::{Error, Result};
-
-/// File endings read as images (compared case-insensitively).
-const IMAGE_ENDINGS: &[&str] = &["jpg", "jpeg", "png", "bmp", "gif", "webp"];
+use crate::Result;
 
 /// The training images, ready to ship to workers.
 #[derive(Debug)]
@@ -22,8 +24,8 @@ pub struct PreparedDataset {
     pub pixels: Vec<u8>,
     /// The source file of each image.
     pub files: Vec<PathBuf>,
-    /// Files that were passed over, with the reason.
-    pub skipped: Vec<(PathBuf, String)>,
+    /// Files that were passed over, with the reason, sorted by path.
+    pub skipped: Vec<Skipped>,
 }
 
 impl PreparedDataset {
@@ -46,73 +48,25 @@ impl PreparedDataset {
     }
 }
 
-/// Image files to read and entries passed over with the reason.
-type Listing = (Vec<PathBuf>, Vec<(PathBuf, String)>);
-
-/// Lists the folder's image files sorted by name, keeping the first `limit` (0: all).
-fn list_images(dir: &Path, limit: usize) -> Result<Listing> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::Dataset {
-        path: dir.to_path_buf(),
-        message: format!("cannot read the folder: {e}"),
-    })?;
-    let mut files = Vec::new();
-    let mut passed_over = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::Dataset {
-            path: dir.to_path_buf(),
-            message: format!("cannot list the folder: {e}"),
-        })?;
-        let path = entry.path();
-        let is_image = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_ENDINGS.iter().any(|known| e.eq_ignore_ascii_case(known)));
-        if !is_image {
-            continue;
-        }
-        // Only regular files (symlinks followed): a FIFO named `x.jpg` would block a reader.
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => files.push(path),
-            Ok(_) => passed_over.push((path, "not a regular file".to_string())),
-            Err(e) => passed_over.push((path, format!("cannot stat: {e}"))),
-        }
-    }
-    files.sort();
+/// Loads the dataset, decoding on every core straight into one buffer of the final size (each
+/// thread fills its own slice of it), so loading costs no more memory than the dataset.
+///
+/// `limit` keeps the first files by path (0: all); files skipped among them are not replaced.
+pub fn load(dir: &Path, size: u32, limit: usize) -> Result<PreparedDataset> {
+    let listing::Listing {
+        mut files,
+        skipped: passed_over,
+    } = listing::list(dir)?;
     if limit > 0 {
         files.truncate(limit);
     }
-    Ok((files, passed_over))
-}
-
-/// Decodes one file into `size x size` RGB bytes.
-pub fn prepare_image(path: &Path, size: u32) -> std::result::Result<Vec<u8>, String> {
-    let image = image::ImageReader::open(path)
-        .map_err(|e| format!("cannot open: {e}"))?
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?
-        .decode()
-        .map_err(|e| format!("cannot decode: {e}"))?;
-    let (w, h) = (image.width(), image.height());
-    if w == 0 || h == 0 {
-        return Err("image has no pixels".into());
-    }
-    let side = w.min(h);
-    let square = image.crop_imm((w - side) / 2, (h - side) / 2, side, side);
-    let resized = square.resize_exact(size, size, FilterType::Triangle);
-    Ok(resized.to_rgb8().into_raw())
-}
-
-/// Loads the dataset, decoding on every core straight into one buffer of the final size (each
-/// thread fills its own slice of it), so loading costs no more memory than the dataset.
-pub fn load(dir: &Path, size: u32, limit: usize) -> Result<PreparedDataset> {
-    let (files, passed_over) = list_images(dir, limit)?;
     let image_bytes = (size * size * 3) as usize;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(files.len().max(1));
     let per_thread = files.len().div_ceil(threads.max(1)).max(1);
     let mut pixels = vec![0u8; files.len() * image_bytes];
-    let failures: Vec<Option<String>> = std::thread::scope(|scope| {
+    let failures: Vec<Option<Skipped>> = std::thread::scope(|scope| {
         let handles: Vec<_> = files
             .chunks(per_thread)
             .zip(pixels.chunks_mut(per_thread * image_bytes))
@@ -148,9 +102,10 @@ pub fn load(dir: &Path, size: u32, limit: usize) -> Result<PreparedDataset> {
                 pixels.copy_within(index * image_bytes..(index + 1) * image_bytes, to);
                 dataset.files.push(file);
             }
-            Some(reason) => dataset.skipped.push((file, reason)),
+            Some(skipped) => dataset.skipped.push(skipped),
         }
     }
+    dataset.skipped.sort_by(|a, b| a.file.cmp(&b.file));
     pixels.truncate(dataset.files.len() * image_bytes);
     pixels.shrink_to_fit();
     dataset.pixels = pixels;
@@ -185,19 +140,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         RgbImage::new(8, 8).save(dir.path().join("good.png")).unwrap();
         std::fs::write(dir.path().join("broken.jpg"), b"not a jpeg").unwrap();
-        std::fs::write(dir.path().join("notes.txt"), b"ignored").unwrap();
-        std::fs::create_dir(dir.path().join("folder.png")).unwrap();
-        let mut data = load(dir.path(), 8, 0).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"some notes").unwrap();
+        let data = load(dir.path(), 8, 0).unwrap();
         assert_eq!(data.len(), 1);
-        assert_eq!(data.skipped.len(), 2);
-        assert!(
-            data.skipped
-                .iter()
-                .any(|(f, r)| f.ends_with("folder.png") && r == "not a regular file")
+        let skipped: Vec<(&str, SkipKind)> = data
+            .skipped
+            .iter()
+            .map(|s| (s.file.file_name().unwrap().to_str().unwrap(), s.kind))
+            .collect();
+        assert_eq!(
+            skipped,
+            [("broken.jpg", SkipKind::Damaged), ("notes.txt", SkipKind::NotAnImage)]
         );
-        data.skipped.retain(|(f, _)| f.ends_with("broken.jpg"));
-        assert!(data.skipped[0].0.ends_with("broken.jpg"));
-        assert!(data.skipped[0].1.contains("decode"), "{}", data.skipped[0].1);
     }
 
     #[test]

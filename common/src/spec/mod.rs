@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::compression::GradientCompression;
 use crate::{Error, Result};
 
+mod structure;
+
 /// The only spec version this build reads.
 pub const SPEC_VERSION: u32 = 1;
 /// The largest image side: the model is made for small images, and one image must fit a
@@ -283,7 +285,7 @@ impl Default for CheckpointSpec {
 /// One out-of-range value, named by its dotted field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecProblem {
-    pub field: &'static str,
+    pub field: String,
     pub message: String,
 }
 
@@ -308,10 +310,24 @@ impl JobSpec {
 
     /// Parses and validates spec text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<JobSpec> {
-        let spec: JobSpec = toml::from_str(text).map_err(|e| Error::SpecSyntax {
-            origin: origin.to_string(),
-            message: e.to_string(),
-        })?;
+        let spec: JobSpec = match toml::from_str(text) {
+            Ok(spec) => spec,
+            Err(first) => {
+                // Every key whose type or name is wrong, not just the first one serde met.
+                let problems = structure::problems(text);
+                return Err(if problems.is_empty() {
+                    Error::SpecSyntax {
+                        origin: origin.to_string(),
+                        message: first.to_string(),
+                    }
+                } else {
+                    Error::SpecInvalid {
+                        origin: origin.to_string(),
+                        problems,
+                    }
+                });
+            }
+        };
         let problems = spec.validate();
         if problems.is_empty() {
             Ok(spec)
@@ -370,7 +386,10 @@ impl JobSpec {
         let mut problems = Vec::new();
         let mut check = |ok: bool, field: &'static str, message: String| {
             if !ok {
-                problems.push(SpecProblem { field, message });
+                problems.push(SpecProblem {
+                    field: field.to_string(),
+                    message,
+                });
             }
         };
         check(
@@ -584,7 +603,7 @@ mod tests {
         let Err(Error::SpecInvalid { problems, .. }) = JobSpec::parse(&text, "test") else {
             panic!("expected range problems");
         };
-        let fields: Vec<_> = problems.iter().map(|p| p.field).collect();
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
             fields,
             vec![
@@ -604,7 +623,7 @@ mod tests {
         let Err(Error::SpecInvalid { problems, .. }) = JobSpec::parse(&text, "test") else {
             panic!("expected range problems");
         };
-        let fields: Vec<_> = problems.iter().map(|p| p.field).collect();
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, vec!["cluster.step_timeout_secs", "checkpoint.samples"]);
         assert!(problems[1].message.contains("1 to 655"), "{}", problems[1].message);
     }
