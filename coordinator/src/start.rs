@@ -312,7 +312,12 @@ fn initial_state(spec: &JobSpec, run: &RunDir, resume: Resume) -> Result<(Traini
             message: if skipped.is_empty() {
                 "--resume was given but there is no checkpoint to resume from".into()
             } else {
-                format!("--resume was given but no checkpoint loads ({} damaged)", skipped.len())
+                // The newest one's reason: another format or spec version, or damage.
+                format!(
+                    "--resume was given but no checkpoint loads ({} refused; the newest: {})",
+                    skipped.len(),
+                    skipped[0]
+                )
             },
         });
     };

@@ -288,3 +288,44 @@ fn a_folder_with_fewer_usable_images_than_a_batch_is_refused_with_the_summary() 
     assert!(stderr.contains("fewer than one batch of 16"), "{stderr}");
     assert!(!stderr.contains("started local worker"), "{stderr}");
 }
+
+/// Replaces `from` by `to` (of the same length) in a file, in place.
+fn patch(file: &Path, from: &str, to: &str) {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(file).unwrap();
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from} is not in {}", file.display()));
+    bytes[at..at + from.len()].copy_from_slice(to.as_bytes());
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_another_format_or_spec_version_is_refused_with_the_reason() {
+    use forger_tests::{TestCoordinator, tiny_dataset, tiny_spec};
+    for (from, to, says) in [
+        ("forger-checkpoint-1", "forger-checkpoint-9", "forger-checkpoint-9"),
+        ("version = 1", "version = 7", "version"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        tiny_dataset(&data);
+        let run = dir.path().join("run");
+        let spec = tiny_spec(&data, 1, 2);
+        let coordinator = TestCoordinator::start(spec.clone(), &run, false, Some(1)).await;
+        coordinator.finish(std::time::Duration::from_secs(120)).await.unwrap();
+        let checkpoints = forger_common::checkpoint::list(&run.join("checkpoints")).unwrap();
+        for (_, file) in &checkpoints {
+            patch(file, from, to);
+        }
+        let resumed = TestCoordinator::start(spec, &run, true, Some(1)).await;
+        let error = resumed
+            .finish(std::time::Duration::from_secs(60))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no checkpoint loads") && error.contains(says), "{error}");
+    }
+}
