@@ -101,6 +101,16 @@ pub fn tiny_dataset(dir: &Path) {
     }
 }
 
+/// A fresh temporary folder holding [`tiny_dataset`] in `data/`; the folder lives as long as
+/// the guard.
+pub fn tiny_data_folder() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("the data folder");
+    tiny_dataset(&data);
+    (dir, data)
+}
+
 /// A spec for [`tiny_dataset`]: tiny networks, short timeouts, `workers` shards.
 pub fn tiny_spec(data: &Path, workers: u32, steps: u64) -> JobSpec {
     let text = format!(

@@ -228,16 +228,16 @@ fn zoo_spec(dir: &Path, data: &Path, batch: u32) -> PathBuf {
     spec
 }
 
-#[test]
-fn the_coordinator_prints_one_summary_line_and_writes_the_report_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("zoo");
+/// The coordinator with one local worker on a folder holding the zoo, for a spec of `batch`;
+/// returns its output and the run directory (inside `dir`).
+fn run_on_zoo(dir: &Path, batch: u32) -> (std::process::Output, PathBuf) {
+    let data = dir.join("zoo");
     std::fs::create_dir(&data).unwrap();
     zoo(&data);
-    let run = dir.path().join("run");
+    let run = dir.join("run");
     let out = Command::new(binary("forger-coordinator"))
         .arg("--spec")
-        .arg(zoo_spec(dir.path(), &data, 4))
+        .arg(zoo_spec(dir, &data, batch))
         .arg("--out")
         .arg(&run)
         .args([
@@ -250,6 +250,13 @@ fn the_coordinator_prints_one_summary_line_and_writes_the_report_file() {
         ])
         .output()
         .unwrap();
+    (out, run)
+}
+
+#[test]
+fn the_coordinator_prints_one_summary_line_and_writes_the_report_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, run) = run_on_zoo(dir.path(), 4);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let summaries: Vec<&str> = stderr.lines().filter(|l| l.contains(" skipped: ")).collect();
@@ -270,18 +277,7 @@ fn the_coordinator_prints_one_summary_line_and_writes_the_report_file() {
 #[test]
 fn a_folder_with_fewer_usable_images_than_a_batch_is_refused_with_the_summary() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("zoo");
-    std::fs::create_dir(&data).unwrap();
-    zoo(&data);
-    let run = dir.path().join("run");
-    let out = Command::new(binary("forger-coordinator"))
-        .arg("--spec")
-        .arg(zoo_spec(dir.path(), &data, 16))
-        .arg("--out")
-        .arg(&run)
-        .args(["--listen", "127.0.0.1:0", "--local-workers", "1"])
-        .output()
-        .unwrap();
+    let (out, _) = run_on_zoo(dir.path(), 16);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("holds 12 usable images"), "{stderr}");
@@ -303,15 +299,12 @@ fn patch(file: &Path, from: &str, to: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_of_another_format_or_spec_version_is_refused_with_the_reason() {
-    use forger_tests::{TestCoordinator, tiny_dataset, tiny_spec};
+    use forger_tests::{TestCoordinator, tiny_data_folder, tiny_spec};
     for (from, to, says) in [
         ("forger-checkpoint-1", "forger-checkpoint-9", "forger-checkpoint-9"),
         ("version = 1", "version = 7", "version"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        tiny_dataset(&data);
+        let (dir, data) = tiny_data_folder();
         let run = dir.path().join("run");
         let spec = tiny_spec(&data, 1, 2);
         let coordinator = TestCoordinator::start(spec.clone(), &run, false, Some(1)).await;

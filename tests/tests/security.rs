@@ -11,7 +11,7 @@ use forger_proto::tls::{ClientSecurity, files};
 use forger_proto::token::{AddToken, JobToken};
 use forger_tests::fake_worker::{FakeWorker, open_data_connection, open_data_connection_secured};
 use forger_tests::processes::{Process, free_local_address};
-use forger_tests::{TestCoordinator, binary, tiny_dataset, tiny_spec};
+use forger_tests::{TestCoordinator, binary, tiny_data_folder, tiny_spec};
 
 /// A new cluster's credentials in `dir/name`, made by the helper command.
 fn make_credentials(dir: &Path, name: &str) -> PathBuf {
@@ -85,10 +85,7 @@ async fn all_calls_unauthenticated(address: &str, security: &ClientSecurity, tok
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_job_token_a_client_gets_unauthenticated_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_dataset(&data);
+    let (dir, data) = tiny_data_folder();
     let credentials = make_credentials(dir.path(), "cluster");
     let spec = tiny_spec(&data, 1, 1);
     let coordinator =
@@ -124,10 +121,7 @@ async fn without_the_job_token_a_client_gets_unauthenticated_and_nothing_else() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_lets_in_only_the_cluster_s_own_worker_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_dataset(&data);
+    let (dir, data) = tiny_data_folder();
     let ours = make_credentials(dir.path(), "ours");
     let theirs = make_credentials(dir.path(), "theirs");
     let spec = tiny_spec(&data, 1, 1);
@@ -177,10 +171,7 @@ async fn mutual_tls_lets_in_only_the_cluster_s_own_worker_certificate() {
 
 #[test]
 fn real_processes_train_over_mutual_tls_and_a_worker_without_credentials_is_told_what_to_pass() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_dataset(&data);
+    let (dir, data) = tiny_data_folder();
     let credentials = make_credentials(dir.path(), "cluster");
     let spec = dir.path().join("job.toml");
     std::fs::write(&spec, tiny_spec(&data, 2, 4).to_toml()).unwrap();
@@ -252,10 +243,7 @@ fn real_processes_train_over_mutual_tls_and_a_worker_without_credentials_is_told
 
 #[test]
 fn a_tls_worker_against_an_insecure_coordinator_is_named_in_its_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    tiny_dataset(&data);
+    let (dir, data) = tiny_data_folder();
     let credentials = make_credentials(dir.path(), "cluster");
     let spec = dir.path().join("job.toml");
     std::fs::write(&spec, tiny_spec(&data, 1, 1).to_toml()).unwrap();
