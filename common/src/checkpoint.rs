@@ -329,8 +329,22 @@ pub struct Newest {
 /// The newest checkpoint in `dir` that loads, with a warning for each newer one that did not.
 pub fn load_newest(dir: &Path) -> Result<Newest> {
     let mut skipped = Vec::new();
-    for (_, path) in list(dir)?.into_iter().rev() {
-        match load(&path) {
+    for (named_step, path) in list(dir)?.into_iter().rev() {
+        // A file copied in under another step's name would be trusted by its name alone.
+        let loaded = load(&path).and_then(|checkpoint| {
+            if checkpoint.state.step == named_step {
+                Ok(checkpoint)
+            } else {
+                Err(Error::Checkpoint {
+                    path: path.clone(),
+                    message: format!(
+                        "is named for step {named_step} but holds step {} (copied from elsewhere?)",
+                        checkpoint.state.step
+                    ),
+                })
+            }
+        });
+        match loaded {
             Ok(checkpoint) => {
                 return Ok(Newest {
                     found: Some((path, checkpoint)),
@@ -442,13 +456,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = small_spec();
         let mut st = state(&spec);
+        // A checkpoint holds the step its name says (load_newest refuses one that does not).
+        st.step = 10;
         save(&dir.path().join(file_name(10)), &spec, &st).unwrap();
-        st.step = 20;
         std::fs::write(dir.path().join(file_name(20)), b"torn").unwrap();
         let Newest { found, skipped } = load_newest(dir.path()).unwrap();
         let (path, checkpoint) = found.unwrap();
         assert!(path.ends_with(file_name(10)));
-        assert_eq!(checkpoint.state.step, 42);
+        assert_eq!(checkpoint.state.step, 10);
         assert_eq!(skipped.len(), 1);
     }
 

@@ -6,13 +6,15 @@
 //! on an `--insecure` port, by the first byte, peeked without consuming it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use forger_proto::connection::Connection;
 use forger_proto::data::DATA_MAGIC;
 use forger_proto::tls::{ALPN_DATA, ServerSecurity};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, warn};
 
@@ -21,6 +23,13 @@ use crate::registry::Registry;
 
 /// How long a new connection may take to finish its TLS handshake or send its first bytes.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once. A client that completes a handshake and then says nothing holds
+/// its connection (HTTP/2 has no deadline for the first request); without a cap, enough of them
+/// exhaust the process's file descriptors and the next checkpoint fails. At the cap new
+/// connections are closed at once: joining waits, the run goes on. Two per worker process.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Connections refused so far by this process, for logging them sparsely.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
 /// A TLS connection opens with a handshake record, whose first byte is 22.
 const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
@@ -33,7 +42,9 @@ pub fn route(
     security: ServerSecurity,
 ) -> ReceiverStream<std::io::Result<Connection>> {
     let (grpc, incoming) = mpsc::channel(16);
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        let mut turned_away = 0u64;
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -41,8 +52,17 @@ pub fn route(
             };
             match stream {
                 Ok((stream, peer)) => {
+                    let Ok(place) = places.clone().try_acquire_owned() else {
+                        turned_away += 1;
+                        // Logged 1, 2, 4, 8... times: a flood must not fill the disk with warnings.
+                        if turned_away.is_power_of_two() {
+                            warn!(%peer, turned_away, limit = MAX_CONNECTIONS, "too many open connections: closed a new one");
+                        }
+                        drop(stream);
+                        continue;
+                    };
                     let (grpc, registry, security) = (grpc.clone(), registry.clone(), security.clone());
-                    tokio::spawn(async move { dispatch(stream, peer, grpc, registry, security).await });
+                    tokio::spawn(async move { dispatch(stream, peer, place, grpc, registry, security).await });
                 }
                 Err(e) => {
                     // Out of file descriptors, say: the listener itself is fine, so wait and go on.
@@ -64,6 +84,7 @@ enum Kind {
 async fn dispatch(
     stream: TcpStream,
     peer: SocketAddr,
+    place: OwnedSemaphorePermit,
     grpc: mpsc::Sender<std::io::Result<Connection>>,
     registry: Option<Registry>,
     security: ServerSecurity,
@@ -77,10 +98,17 @@ async fn dispatch(
     let local = stream.local_addr().ok();
     let opened = tokio::time::timeout(FIRST_BYTES_TIMEOUT, open(stream, local, peer, &security)).await;
     let (kind, connection) = match opened {
-        Ok(Ok(opened)) => opened,
+        Ok(Ok((kind, connection))) => (kind, connection.holding(place)),
         // A port probe (a load balancer's, a health check's) connects and closes at once.
         Ok(Err(Refusal::Silent(reason))) => return debug!(%peer, %reason, "a connection closed before it began"),
-        Ok(Err(Refusal::Loud(refusal))) => return warn!(%peer, %refusal, "refused a connection"),
+        Ok(Err(Refusal::Loud(refusal))) => {
+            let refused = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+            // Logged 1, 2, 4, 8... times, with the count so far.
+            if refused.is_power_of_two() {
+                warn!(%peer, %refusal, refused, "refused a connection");
+            }
+            return;
+        }
         Err(_) => return debug!(%peer, "a connection did not introduce itself within 10 s; closed"),
     };
     match (kind, registry) {

@@ -357,10 +357,11 @@ fn load_dataset(spec: &JobSpec) -> Result<PreparedDataset> {
     let started = std::time::Instant::now();
     let dataset = dataset::load(path, spec.data.image_size, spec.data.limit)?;
     for skipped in dataset.skipped.iter().take(SKIPPED_LOGGED) {
-        warn!(file = %skipped.file.display(), kind = skipped.kind.label(), reason = %skipped.reason, "skipped a file");
+        // Debug formatting quotes the name: a file called "x\nERROR ..." cannot forge a log line.
+        warn!(file = ?skipped.file, kind = skipped.kind.label(), reason = ?skipped.reason, "skipped a file");
     }
     if let Some(summary) = dataset::summary(&dataset.skipped) {
-        warn!(path = %path.display(), "{summary}; every file and reason goes to skipped-images.tsv in the run directory");
+        warn!(path = %path.display(), "{summary}; once the run starts, skipped-images.tsv in its directory lists them all");
     }
     info!(
         path = %path.display(),

@@ -20,6 +20,8 @@ pub struct Connection {
     stream: Box<dyn Stream>,
     local: Option<SocketAddr>,
     peer: Option<SocketAddr>,
+    /// Released when the connection is dropped (a place among the coordinator's connections).
+    _guard: Option<Box<dyn Send + Sync>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -37,7 +39,14 @@ impl Connection {
             stream: Box::new(stream),
             local,
             peer,
+            _guard: None,
         }
+    }
+
+    /// Keeps `guard` alive as long as the connection.
+    pub fn holding(mut self, guard: impl Send + Sync + 'static) -> Self {
+        self._guard = Some(Box::new(guard));
+        self
     }
 
     /// The peer's address, or an empty string when it is not known.

@@ -95,6 +95,8 @@ fn zoo(dir: &Path) {
         .unwrap();
     let jpeg = jpeg.into_inner();
     std::fs::write(dir.join("truncated.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    // Cut near the end: decoders fill the missing rows with grey and say nothing.
+    std::fs::write(dir.join("truncated-late.jpg"), &jpeg[..jpeg.len() * 9 / 10]).unwrap();
     std::fs::write(dir.join("notes.txt"), b"what these photos are").unwrap();
     std::fs::write(dir.join("text-named.png"), b"not a png at all").unwrap();
     save("tiny.png", &RgbImage::new(3, 3), ImageFormat::Png);
@@ -195,6 +197,7 @@ fn every_file_loads_as_its_picture_or_is_skipped_with_its_reason() {
         ("tiny.png".into(), SkipKind::TooSmall),
         ("too-wide.png".into(), SkipKind::TooLarge),
         ("truncated.jpg".into(), SkipKind::Damaged),
+        ("truncated-late.jpg".into(), SkipKind::Damaged),
     ];
     if cfg!(unix) {
         expected.push(("dangling.jpg".into(), SkipKind::Unreadable));
@@ -262,14 +265,14 @@ fn the_coordinator_prints_one_summary_line_and_writes_the_report_file() {
     let summaries: Vec<&str> = stderr.lines().filter(|l| l.contains(" skipped: ")).collect();
     assert_eq!(summaries.len(), 1, "{stderr}");
     assert!(
-        summaries[0].contains("2 damaged") && summaries[0].contains("2 over the size limit"),
+        summaries[0].contains("3 damaged") && summaries[0].contains("2 over the size limit"),
         "{}",
         summaries[0]
     );
     let report = std::fs::read_to_string(dataset::report_path(&run)).unwrap();
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(lines[0], "file\tkind\treason");
-    let expected_rows = if cfg!(unix) { 9 } else { 7 };
+    let expected_rows = if cfg!(unix) { 10 } else { 8 };
     assert_eq!(lines.len(), 1 + expected_rows, "{report}");
     assert!(report.contains("truncated.jpg\tdamaged\t"), "{report}");
 }
@@ -321,4 +324,31 @@ async fn a_checkpoint_of_another_format_or_spec_version_is_refused_with_the_reas
             .to_string();
         assert!(error.contains("no checkpoint loads") && error.contains(says), "{error}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_copied_in_under_a_later_step_s_name_is_not_trusted_by_its_name() {
+    use forger_tests::{TestCoordinator, tiny_data_folder, tiny_spec};
+    let (dir, data) = tiny_data_folder();
+    let run = dir.path().join("run");
+    let spec = tiny_spec(&data, 1, 2);
+    let coordinator = TestCoordinator::start(spec.clone(), &run, false, Some(1)).await;
+    coordinator.finish(std::time::Duration::from_secs(120)).await.unwrap();
+    let checkpoints = run.join("checkpoints");
+    std::fs::copy(
+        checkpoints.join("step-00000002.safetensors"),
+        checkpoints.join("step-00000009.safetensors"),
+    )
+    .unwrap();
+    let newest = forger_common::checkpoint::load_newest(&checkpoints).unwrap();
+    let (path, checkpoint) = newest.found.expect("the real one loads");
+    assert!(path.ends_with("step-00000002.safetensors"), "{}", path.display());
+    assert_eq!(checkpoint.state.step, 2);
+    let refused = newest
+        .skipped
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    assert!(refused.contains("is named for step 9 but holds step 2"), "{refused}");
 }

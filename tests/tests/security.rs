@@ -278,3 +278,47 @@ fn a_tls_worker_against_an_insecure_coordinator_is_named_in_its_log() {
     assert!(log.contains("WARNING: --insecure"), "{log}");
     assert!(log.contains("this coordinator runs --insecure"), "{log}");
 }
+
+/// Connections that are opened and then say nothing hold their places; past the cap new ones
+/// are closed at once, so a flood cannot use up the coordinator's file descriptors (and with
+/// them its next checkpoint).
+#[test]
+fn connections_beyond_the_cap_are_closed_at_once() {
+    use std::io::Read;
+    let (dir, data) = tiny_data_folder();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(&spec, tiny_spec(&data, 1, 1).to_toml()).unwrap();
+    let listen = free_local_address();
+    let _coordinator = Process::coordinator(
+        "coordinator",
+        &spec,
+        &dir.path().join("run"),
+        &listen,
+        false,
+        dir.path(),
+        None,
+    );
+    let connect = || loop {
+        if let Ok(stream) = std::net::TcpStream::connect(&listen) {
+            return stream;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cap = 512; // coordinator::listener::MAX_CONNECTIONS
+    let mut held: Vec<std::net::TcpStream> = (0..cap).map(|_| connect()).collect();
+    // Give the coordinator a moment to accept them all.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut extra = connect();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        extra.read(&mut byte).unwrap(),
+        0,
+        "a connection past the cap is closed at once"
+    );
+    // One of the held ones is still open: no answer, no close, within a second.
+    held[0].set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let still_open = matches!(held[0].read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+    assert!(still_open, "a connection within the cap is left to introduce itself");
+    held.clear();
+}

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
 use super::skip::{SkipKind, Skipped};
 
@@ -37,6 +37,9 @@ pub fn prepare_image(path: &Path, size: u32) -> Result<Vec<u8>, Skipped> {
             SkipKind::NotAnImage,
             "neither its content nor its name is a known image format (JPEG, PNG, GIF, WebP, BMP)".into(),
         ));
+    }
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        check_jpeg_end(path).map_err(|reason| skip(SkipKind::Damaged, reason))?;
     }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -96,6 +99,27 @@ fn over_white(image: DynamicImage) -> RgbImage {
         }
     }
     rgb
+}
+
+/// JPEG decoders conceal a cut-off file (the missing rows come out grey), so a JPEG must end
+/// with its end-of-image marker, give or take padding. Data some cameras append after the
+/// marker would be refused too; the report names such a file.
+fn check_jpeg_end(path: &Path) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL)))
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).map_err(|e| format!("cannot read: {e}"))?;
+    let end = tail
+        .iter()
+        .rposition(|&b| !matches!(b, 0 | b'\r' | b'\n' | b' ' | b'\t'));
+    match end {
+        Some(i) if i >= 1 && tail[i - 1..=i] == [0xFF, 0xD9] => Ok(()),
+        _ => Err("truncated: the JPEG does not end with its end-of-image marker".into()),
+    }
 }
 
 fn kind_of(error: &ImageError) -> SkipKind {

@@ -20,6 +20,17 @@ pub const SPEC_VERSION: u32 = 1;
 pub const MAX_IMAGE_SIZE: u32 = 512;
 /// Bytes a sample batch may take on the wire (one message; gRPC's limit is 4 MiB).
 const MAX_SAMPLE_BYTES: u64 = 3 << 20;
+/// The widest layer (feature maps, noise values) a spec may ask for.
+pub const MAX_WIDTH: u32 = 65_536;
+/// Parameters of both networks together: 1 GB per copy as f32, of which the coordinator holds
+/// about four (the article's model has 5.4 million).
+pub const MAX_PARAMETERS: usize = 250_000_000;
+
+/// Whether the image size leaves the layout computable (it is checked with its own message).
+fn problems_so_far_ok(image_size: u32) -> bool {
+    (8..=MAX_IMAGE_SIZE).contains(&image_size) && image_size.is_multiple_of(4)
+}
+
 /// A week: longer timeouts are surely mistakes (and would overflow deadline arithmetic).
 pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
@@ -404,18 +415,36 @@ impl JobSpec {
             format!("expected a multiple of 4 from 8 to {MAX_IMAGE_SIZE}, found {size}"),
         );
         check(
-            self.model.noise_dim >= 1,
+            (1..=MAX_WIDTH).contains(&self.model.noise_dim),
             "model.noise_dim",
-            "expected at least 1, found 0".into(),
+            format!("expected 1 to {MAX_WIDTH}, found {}", self.model.noise_dim),
         );
+        let mut shapes_ok = (1..=MAX_WIDTH).contains(&self.model.noise_dim) && problems_so_far_ok(size);
         for (field, filters) in [
             ("model.d_filters", &self.model.d_filters),
             ("model.g_filters", &self.model.g_filters),
         ] {
+            let ok = filters.len() == 3 && filters.iter().all(|&f| (1..=MAX_WIDTH).contains(&f));
+            shapes_ok &= ok;
             check(
-                filters.len() == 3 && filters.iter().all(|&f| f >= 1),
+                ok,
                 field,
-                format!("expected three positive feature-map counts, found {filters:?}"),
+                format!("expected three feature-map counts from 1 to {MAX_WIDTH}, found {filters:?}"),
+            );
+        }
+        // Each count may be fine and their product not: the coordinator holds several copies of
+        // every parameter, so a model that cannot fit is refused here, not by the allocator.
+        if shapes_ok {
+            let image_size = size as usize;
+            let values = crate::layout::discriminator_layout(&self.model, image_size).numel()
+                + crate::layout::generator_layout(&self.model).numel();
+            check(
+                values <= MAX_PARAMETERS,
+                "model",
+                format!(
+                    "the networks would have {values} parameters, more than the {MAX_PARAMETERS} forger trains \
+                     (lower model.d_filters, model.g_filters or model.noise_dim)"
+                ),
             );
         }
         let dropout = self.model.dropout;
@@ -549,6 +578,21 @@ impl JobSpec {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_model_too_large_to_hold_is_refused_before_anything_is_allocated() {
+        let spec = |model: &str| JobSpec::parse(&format!("version = 1\n[data]\npath = \"x\"\n[model]\n{model}"), "t");
+        let err = spec("d_filters = [20000, 20000, 20000]\n").unwrap_err().to_string();
+        assert!(err.contains("model: the networks would have"), "{err}");
+        let err = spec("d_filters = [100000, 1, 1]\nnoise_dim = 100000000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.d_filters") && err.contains("model.noise_dim"),
+            "{err}"
+        );
+        assert!(spec("d_filters = [256, 128, 64]\ng_filters = [256, 128, 64]\n").is_ok());
+    }
+
     use super::*;
 
     const MINIMAL: &str = "version = 1\n[data]\npath = \"faces\"\n";
