@@ -85,10 +85,14 @@ impl Interceptor for RequireToken {
         let Some(token) = &self.0 else {
             return Ok(request);
         };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.as_bytes().strip_prefix(SCHEME.as_bytes()));
+        // The scheme's name is case-insensitive (RFC 9110), the token itself is not.
+        let presented = request.metadata().get("authorization").and_then(|value| {
+            let value = value.as_bytes();
+            let scheme = value.get(..SCHEME.len())?;
+            scheme
+                .eq_ignore_ascii_case(SCHEME.as_bytes())
+                .then(|| &value[SCHEME.len()..])
+        });
         match presented {
             Some(presented) if token.matches(presented) => Ok(request),
             Some(_) => Err(Status::unauthenticated("the job token is wrong")),
@@ -137,6 +141,13 @@ mod tests {
             let status = checked(wrong).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_the_token_is_not() {
+        assert!(checked(Some("bearer 0123456789abcdef0123456789abcdef")).is_ok());
+        assert!(checked(Some("BEARER 0123456789abcdef0123456789abcdef")).is_ok());
+        assert!(checked(Some("Bearer 0123456789ABCDEF0123456789abcdef")).is_err());
     }
 
     #[test]

@@ -241,22 +241,21 @@ fn real_processes_train_over_mutual_tls_and_a_worker_without_credentials_is_told
     }
 }
 
+/// An `--insecure` coordinator process on a one-step tiny spec for `data`, writing into `dir`;
+/// returns it with the address it listens on.
+fn insecure_coordinator(dir: &Path, data: &Path) -> (Process, String) {
+    let spec = dir.join("job.toml");
+    std::fs::write(&spec, tiny_spec(data, 1, 1).to_toml()).unwrap();
+    let listen = free_local_address();
+    let coordinator = Process::coordinator("coordinator", &spec, &dir.join("run"), &listen, false, dir, None);
+    (coordinator, listen)
+}
+
 #[test]
 fn a_tls_worker_against_an_insecure_coordinator_is_named_in_its_log() {
     let (dir, data) = tiny_data_folder();
     let credentials = make_credentials(dir.path(), "cluster");
-    let spec = dir.path().join("job.toml");
-    std::fs::write(&spec, tiny_spec(&data, 1, 1).to_toml()).unwrap();
-    let listen = free_local_address();
-    let mut coordinator = Process::coordinator(
-        "coordinator",
-        &spec,
-        &dir.path().join("run"),
-        &listen,
-        false,
-        dir.path(),
-        None,
-    );
+    let (mut coordinator, listen) = insecure_coordinator(dir.path(), &data);
     let out = Command::new(binary("forger-worker"))
         .args([
             "--coordinator",
@@ -286,18 +285,7 @@ fn a_tls_worker_against_an_insecure_coordinator_is_named_in_its_log() {
 fn connections_beyond_the_cap_are_closed_at_once() {
     use std::io::Read;
     let (dir, data) = tiny_data_folder();
-    let spec = dir.path().join("job.toml");
-    std::fs::write(&spec, tiny_spec(&data, 1, 1).to_toml()).unwrap();
-    let listen = free_local_address();
-    let _coordinator = Process::coordinator(
-        "coordinator",
-        &spec,
-        &dir.path().join("run"),
-        &listen,
-        false,
-        dir.path(),
-        None,
-    );
+    let (_coordinator, listen) = insecure_coordinator(dir.path(), &data);
     let connect = || loop {
         if let Ok(stream) = std::net::TcpStream::connect(&listen) {
             return stream;
