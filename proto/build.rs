@@ -1,5 +1,5 @@
-//! Compiles `forger/v1/forger.proto` with the protoc binary shipped by `protoc-bin-vendored`,
-//! so building needs no system protoc.
+//! Compiles `forger/v1/forger.proto` and `tensorboard/event.proto` with the protoc binary
+//! shipped by `protoc-bin-vendored`, so building needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -9,6 +9,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".forger.v1")
         .compile_protos(&["forger/v1/forger.proto"], &["."])?;
     println!("cargo:rerun-if-changed=forger/v1/forger.proto");
+    // TensorBoard's event log is a file format, not a service: messages only.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_protos(&["tensorboard/event.proto"], &["."])?;
+    println!("cargo:rerun-if-changed=tensorboard/event.proto");
     Ok(())
 }
 

@@ -38,7 +38,7 @@ pub struct TrainingState {
     pub batch_norm: Vec<f32>,
     /// Where each rank's shard sampler stands.
     pub samplers: Vec<SamplerState>,
-    /// Images in the dataset the shards were cut from.
+    /// Images the shards were cut from: the dataset less the images held out for the score.
     pub dataset_len: usize,
 }
 

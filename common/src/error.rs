@@ -32,6 +32,9 @@ pub enum Error {
     /// An image could not be encoded.
     #[error("failed to encode {path}: {cause}")]
     Image { path: PathBuf, cause: image::ImageError },
+    /// Images handed to the quality score do not fit it.
+    #[error("quality score: {message}")]
+    Quality { message: String },
 }
 
 /// Result with the shared library's [`Error`].

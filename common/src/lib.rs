@@ -17,6 +17,7 @@
 //! - [`grid`]: sample images tiled into one PNG.
 //! - [`wire`]: f32 buffers to and from little-endian bytes.
 //! - [`compression`]: bf16 gradients on the wire, with error feedback.
+//! - [`quality`]: the sliced Wasserstein distance between real and generated images' patches.
 
 pub mod atomic;
 pub mod average;
@@ -30,6 +31,7 @@ pub mod faults;
 pub mod grid;
 pub mod init;
 pub mod layout;
+pub mod quality;
 pub mod rmsprop;
 pub mod sampler;
 pub mod seeds;

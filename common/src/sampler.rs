@@ -7,14 +7,52 @@
 use serde::{Deserialize, Serialize};
 
 use crate::seeds::{self, Stream};
+use crate::spec::JobSpec;
 
-/// Splits `0..n_items` into `workers` shards of near-equal size (they differ by at most one)
-/// after a seeded shuffle, so that each shard is a fair sample of the whole folder.
-pub fn assign_shards(n_items: usize, workers: usize, seed: u64) -> Vec<Vec<u32>> {
-    assert!(workers >= 1, "at least one worker");
+/// The images of a dataset that a run trains on, and those it holds out for its quality
+/// score, as dataset indices in increasing order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub training: Vec<u32>,
+    pub held_out: Vec<u32>,
+}
+
+/// Sets `held_out` of `0..n_items` aside (a seeded draw, so a resumed run holds out the same
+/// images), the rest for training. With none held out, training is `0..n_items`, so the shards
+/// are those of a run that never scored.
+pub fn split_held_out(n_items: usize, held_out: usize, seed: u64) -> Split {
+    assert!(held_out <= n_items, "cannot hold out {held_out} of {n_items} images");
     let mut all: Vec<u32> = (0..n_items as u32).collect();
+    if held_out == 0 {
+        return Split {
+            training: all,
+            held_out: Vec::new(),
+        };
+    }
+    shuffle(&mut all, seeds::derive(seed, Stream::HeldOut, &[n_items as u64]));
+    let mut held = all.split_off(n_items - held_out);
+    held.sort_unstable();
+    all.sort_unstable();
+    Split {
+        training: all,
+        held_out: held,
+    }
+}
+
+/// The split a job makes of a dataset of `n_items` images: what its quality settings hold
+/// out, with its seed. The coordinator and the single-process loop both use it, so they train
+/// on the same images.
+pub fn split_for(spec: &JobSpec, n_items: usize) -> Split {
+    split_held_out(n_items, spec.quality.held_out_of(n_items), spec.train.seed)
+}
+
+/// Splits the dataset indices `items` into `workers` shards of near-equal size (they differ by
+/// at most one) after a seeded shuffle, so that each shard is a fair sample of the whole folder.
+pub fn assign_shards(mut items: Vec<u32>, workers: usize, seed: u64) -> Vec<Vec<u32>> {
+    assert!(workers >= 1, "at least one worker");
+    let n_items = items.len();
     shuffle(
-        &mut all,
+        &mut items,
         seeds::derive(seed, Stream::Shards, &[n_items as u64, workers as u64]),
     );
     let base = n_items / workers;
@@ -23,7 +61,7 @@ pub fn assign_shards(n_items: usize, workers: usize, seed: u64) -> Vec<Vec<u32>>
     let mut start = 0;
     for rank in 0..workers {
         let len = base + usize::from(rank < extra);
-        shards.push(all[start..start + len].to_vec());
+        shards.push(items[start..start + len].to_vec());
         start += len;
     }
     shards
@@ -116,12 +154,34 @@ mod tests {
 
     #[test]
     fn shards_partition_the_dataset() {
-        let shards = assign_shards(103, 4, 9);
+        let items = || (0..103).collect::<Vec<u32>>();
+        let shards = assign_shards(items(), 4, 9);
         assert_eq!(shards.iter().map(Vec::len).collect::<Vec<_>>(), vec![26, 26, 26, 25]);
         let all: HashSet<u32> = shards.iter().flatten().copied().collect();
         assert_eq!(all.len(), 103);
-        assert_eq!(shards, assign_shards(103, 4, 9));
-        assert_ne!(shards, assign_shards(103, 4, 10));
+        assert_eq!(shards, assign_shards(items(), 4, 9));
+        assert_ne!(shards, assign_shards(items(), 4, 10));
+    }
+
+    #[test]
+    fn held_out_images_are_a_fixed_draw_that_no_shard_holds() {
+        let split = split_held_out(1000, 100, 3);
+        assert_eq!((split.training.len(), split.held_out.len()), (900, 100));
+        assert_eq!(split, split_held_out(1000, 100, 3));
+        assert_ne!(split.held_out, split_held_out(1000, 100, 4).held_out);
+        // Spread over the folder, not its first or last files.
+        assert!(split.held_out[0] < 100 && *split.held_out.last().unwrap() > 900);
+        let held: HashSet<u32> = split.held_out.iter().copied().collect();
+        let shards = assign_shards(split.training.clone(), 3, 3);
+        assert!(shards.iter().flatten().all(|i| !held.contains(i)));
+        assert_eq!(shards.iter().map(Vec::len).sum::<usize>(), 900);
+    }
+
+    #[test]
+    fn holding_out_nothing_keeps_the_shards_of_a_run_that_never_scored() {
+        let split = split_held_out(50, 0, 1);
+        assert_eq!(split.training, (0..50).collect::<Vec<u32>>());
+        assert!(split.held_out.is_empty());
     }
 
     #[test]

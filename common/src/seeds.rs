@@ -15,6 +15,12 @@ pub enum Stream {
     Noise = 5,
     Dropout = 6,
     SampleNoise = 7,
+    /// Which images are held out for the quality score.
+    HeldOut = 8,
+    /// The generated images scored at each checkpoint.
+    QualityNoise = 9,
+    /// The quality score's patch positions and projection directions.
+    QualityScore = 10,
 }
 
 /// Mixes the parts of a seed into one well-spread `u64` (SplitMix64's finaliser on each part).

@@ -53,9 +53,24 @@ pub enum CoordinatorError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The training plot could not be drawn.
+    #[error("training plot: {0}")]
+    Plot(String),
     /// Training was stopped by a shutdown signal.
     #[error("stopped by signal at step {step}")]
     Interrupted { step: u64 },
+    /// `forger-coordinator status` was given an address it cannot fetch.
+    #[error("the status page address {url} is not usable: {reason}")]
+    StatusUrl { url: String, reason: String },
+    /// The status page did not answer (refused, unreachable, too slow).
+    #[error("could not reach the status page at {url}: {reason}")]
+    StatusUnreachable { url: String, reason: String },
+    /// The status page answered with an error.
+    #[error("the status page at {url} answered {status}: {body}")]
+    StatusHttp { url: String, status: String, body: String },
+    /// The status page answered with something that is not a status.
+    #[error("the status page at {url} sent something that is not a forger status: {what}")]
+    StatusMalformed { url: String, what: String },
 }
 
 impl CoordinatorError {

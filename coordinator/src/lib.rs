@@ -10,6 +10,8 @@
 //! - `assignment`: which worker holds which data shards.
 //! - `trainer`: the step loop; `reduce`: chunk assembly and rank-order averaging.
 //! - `run_dir`: checkpoints, samples, metrics; `local`: `--local-workers`.
+//! - `quality`: the score at checkpoints; `monitor`: the console's progress, the status page's
+//!   board ([`status`]), the training plot ([`plot`]) and TensorBoard's events ([`tensorboard`]).
 //! - [`credentials`]: a new cluster's CA, certificates and job token.
 
 mod assignment;
@@ -20,15 +22,21 @@ pub use forger_common::dataset;
 mod error;
 mod listener;
 pub mod local;
+pub mod monitor;
 mod peers;
+pub mod plot;
+mod quality;
 pub mod reduce;
 mod registry;
 pub mod run_dir;
 mod service;
 mod start;
+pub mod status;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use error::{CoordinatorError, Result};
 pub use local::LocalWorkers;
+pub use monitor::{Console, Monitoring, ProgressMode};
 pub use start::{Resume, Security, ServeConfig, serve};
 pub use trainer::RunSummary;

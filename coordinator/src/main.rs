@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use forger_common::spec::JobSpec;
 use forger_coordinator::credentials;
-use forger_coordinator::{LocalWorkers, Resume, Security, ServeConfig};
+use forger_coordinator::{Console, LocalWorkers, Monitoring, ProgressMode, Resume, Security, ServeConfig};
 use forger_proto::tls::ServerSecurity;
 
 /// Trains the forger DCGAN data-parallel across the workers that join.
@@ -69,6 +69,25 @@ struct Args {
     /// The forger-worker executable for local workers (default: beside this one).
     #[arg(long, env = "FORGER_WORKER_BIN")]
     worker_bin: Option<PathBuf>,
+    /// Where to serve the status page (HTML at /, JSON at /status.json), or `off`. Plain
+    /// HTTP and read-only; bind it beyond loopback only on a network you trust.
+    #[arg(long, env = "FORGER_STATUS_ADDR", default_value = "127.0.0.1:50052")]
+    status_addr: String,
+    /// Progress on the console: a live bar (on a terminal), `progress` log lines every
+    /// --progress-secs, or off. auto: the bar on a terminal, lines otherwise.
+    #[arg(
+        long,
+        env = "FORGER_PROGRESS",
+        default_value = "auto",
+        value_name = "auto|bar|lines|off"
+    )]
+    progress: ProgressMode,
+    /// Seconds between `progress` lines.
+    #[arg(long, env = "FORGER_PROGRESS_SECS", default_value_t = 10)]
+    progress_secs: u64,
+    /// Also write TensorBoard event files (losses, scores, sample grids) to RUN_DIR/tensorboard.
+    #[arg(long, env = "FORGER_TENSORBOARD")]
+    tensorboard: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +111,17 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Print a running coordinator's status page in the terminal.
+    Status {
+        /// The status page's address, e.g. http://127.0.0.1:8080 (http:// may be left out).
+        url: String,
+        /// Print the raw JSON instead.
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+        timeout: f64,
+    },
 }
 
 #[tokio::main]
@@ -99,16 +129,19 @@ async fn main() -> std::process::ExitCode {
     use std::io::IsTerminal as _;
     // Crash tests configure fail points through FAILPOINTS; unset, this does nothing.
     let _fail_points = forger_common::faults::setup();
+    let args = Args::parse();
+    // Log lines go through the console, which lifts the progress bar for each.
+    let console = Console::new(args.progress, std::time::Duration::from_secs(args.progress_secs.max(1)));
     tracing_subscriber::fmt()
         // Colour only for people: log files and pipes get plain text.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(console.clone())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match run(Args::parse()).await {
+    match run(args, console).await {
         Ok(code) => code,
         // A spec that does not fit the dataset is a usage error, like one that does not parse.
         Err(e) if is_spec_error(&e) => {
@@ -122,7 +155,15 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
+async fn run(args: Args, console: Console) -> anyhow::Result<std::process::ExitCode> {
+    if let Some(Command::Status { url, json, timeout }) = &args.command {
+        let timeout = std::time::Duration::try_from_secs_f64(*timeout).context("--timeout")?;
+        print!(
+            "{}",
+            forger_coordinator::status::client::status_command(url, *json, timeout).await?
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     if let Some(Command::Credentials {
         out,
         hosts,
@@ -203,12 +244,18 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let status = bind_status(&args.status_addr).await;
     let config = ServeConfig {
         spec,
         run_dir: out,
         resume: args.resume,
         local_workers,
         security,
+        monitoring: Monitoring {
+            console,
+            status,
+            tensorboard: args.tensorboard,
+        },
     };
     let summary = forger_coordinator::serve(config, listener, shutdown_signal()).await?;
     if summary.interrupted && summary.step == 0 {
@@ -219,6 +266,25 @@ async fn run(args: Args) -> anyhow::Result<std::process::ExitCode> {
         eprintln!("finished at step {}", summary.step);
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The status page's socket. A page that cannot be served (the port is taken: another
+/// coordinator on this machine) is not worth refusing the run for: it is said and skipped.
+async fn bind_status(address: &str) -> Option<tokio::net::TcpListener> {
+    if address.eq_ignore_ascii_case("off") {
+        return None;
+    }
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            tracing::warn!(
+                address,
+                error = %e,
+                "cannot serve the status page there; the run goes on without it (choose another with --status-addr)"
+            );
+            None
+        }
+    }
 }
 
 fn is_spec_error(error: &anyhow::Error) -> bool {

@@ -43,6 +43,11 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// When the worker was last heard from (any message, heartbeats included).
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
+    }
+
     /// Whether the worker computes for the step in flight.
     pub fn trains(&self) -> bool {
         !self.shards.is_empty()

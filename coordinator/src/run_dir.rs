@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! RUN_DIR/spec.toml
-//! RUN_DIR/metrics.jsonl
+//! RUN_DIR/metrics.jsonl       a line per step, and one per quality score
 //! RUN_DIR/events.jsonl
+//! RUN_DIR/training.png        losses and scores so far, redrawn at every checkpoint
 //! RUN_DIR/checkpoints/step-NNNNNNNN.safetensors
 //! RUN_DIR/samples/step-NNNNNNNN.png
+//! RUN_DIR/tensorboard/        with --tensorboard
 //! ```
 
 use std::fs::{File, OpenOptions};
@@ -126,6 +128,15 @@ impl RunDir {
         self.root.join("spec.toml")
     }
 
+    /// The losses and scores so far, redrawn at every checkpoint.
+    pub fn plot(&self) -> PathBuf {
+        self.root.join("training.png")
+    }
+
+    pub fn tensorboard(&self) -> PathBuf {
+        self.root.join("tensorboard")
+    }
+
     pub fn sample_grid(&self, step: u64) -> PathBuf {
         self.samples().join(format!("step-{step:08}.png"))
     }
@@ -169,6 +180,21 @@ pub struct StepRecord {
     /// sum). Older lines lack it.
     #[serde(default)]
     pub contributions: u32,
+}
+
+/// A quality line of `metrics.jsonl`: the score of the generator at a checkpoint. It has
+/// `swd` and no losses, which is how readers tell it from a step's line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QualityRecord {
+    pub step: u64,
+    /// The sliced Wasserstein distance, the mean over the pyramid's levels (lower is better).
+    pub swd: f64,
+    /// Each level's distance, finest first.
+    pub swd_levels: Vec<f64>,
+    pub held_out: usize,
+    pub generated: u32,
+    /// The time it took: the images drawn by a worker and scored here.
+    pub seconds: f64,
 }
 
 /// The cluster's history, one JSON object per line: joins, evictions, pauses, resumes. It is
@@ -258,7 +284,15 @@ impl MetricsLog {
     }
 
     pub fn append(&mut self, record: &StepRecord) -> Result<()> {
-        let mut line = serde_json::to_string(record).expect("step records serialise");
+        self.append_line(serde_json::to_string(record).expect("step records serialise"))
+    }
+
+    /// A score line, after the checkpoint of its step.
+    pub fn append_quality(&mut self, record: &QualityRecord) -> Result<()> {
+        self.append_line(serde_json::to_string(record).expect("quality records serialise"))
+    }
+
+    fn append_line(&mut self, mut line: String) -> Result<()> {
         line.push('\n');
         self.file
             .write_all(line.as_bytes())

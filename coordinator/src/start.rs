@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use forger_common::checkpoint::{self, TrainingState};
-use forger_common::sampler::{BatchSampler, SamplerState, assign_shards};
+use forger_common::sampler::{BatchSampler, SamplerState, assign_shards, split_for};
 use forger_common::spec::{JobSpec, SpecProblem};
 use forger_common::{layout, wire};
 use forger_proto::pb::coordinator_server::CoordinatorServer;
@@ -20,14 +20,18 @@ use crate::dataset::{self, PreparedDataset};
 use crate::error::{CoordinatorError, Result};
 use crate::listener;
 use crate::local::{LocalCluster, LocalWorkers};
+use crate::monitor::{Monitor, Monitoring, read_history};
 use crate::peers::Peers;
+use crate::quality::QualityProbe;
 use crate::registry::{Job, Registry};
 use crate::run_dir::{EventLog, MetricsLog, RunDir};
 use crate::service::CoordinatorService;
-use crate::trainer::{RunSummary, Trainer};
+use crate::status::{JobInfo, StatusBoard};
+use crate::tensorboard::EventWriter;
+use crate::trainer::{RunLogs, RunSummary, Trainer};
 
 /// Everything `serve` needs besides the socket.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServeConfig {
     pub spec: JobSpec,
     pub run_dir: PathBuf,
@@ -37,6 +41,8 @@ pub struct ServeConfig {
     pub local_workers: Option<LocalWorkers>,
     /// TLS and the job token, or `--insecure`.
     pub security: Security,
+    /// The console's progress, the status page, TensorBoard.
+    pub monitoring: Monitoring,
 }
 
 /// Where the coordinator's TLS settings and job token come from.
@@ -115,6 +121,7 @@ pub async fn serve(
         resume,
         local_workers,
         security,
+        monitoring,
     } = config;
     let workers = spec.cluster.workers as usize;
     if let Some(local) = &local_workers
@@ -154,12 +161,24 @@ pub async fn serve(
         });
     }
     let dataset = load_dataset(&spec)?;
-    let shards = assign_shards(dataset.len(), workers, spec.train.seed);
+    let split = split_for(&spec, dataset.len());
+    if split.held_out.is_empty() && spec.quality.held_out > 0 {
+        warn!(
+            images = dataset.len(),
+            held_out = spec.quality.held_out,
+            "the dataset is too small to hold out quality.held_out images (it needs {} times as many): \
+             every image is trained on and no quality score is computed",
+            forger_common::spec::MIN_IMAGES_PER_HELD_OUT
+        );
+    }
+    let training_images = split.training.len();
+    let quality = tokio::task::block_in_place(|| QualityProbe::new(&spec, &dataset, &split.held_out))?;
+    let shards = assign_shards(split.training, workers, spec.train.seed);
     check_shards(&spec, &shards)?;
-    let samplers = samplers_for(&spec, &state, dataset.len(), &shards);
+    let samplers = samplers_for(&spec, &state, training_images, &shards);
     let mut state = state;
     let resumed_from = state.step;
-    state.dataset_len = dataset.len();
+    state.dataset_len = training_images;
     state.samplers = samplers.iter().map(BatchSampler::state).collect();
     run.check_writable()?;
     let security = security.resolve(&run)?;
@@ -174,6 +193,8 @@ pub async fn serve(
     // A fresh start (allowed only with no checkpoints) begins a new log: lines left by a run
     // that never checkpointed belong to nothing that can be resumed.
     let metrics = MetricsLog::open(&run.metrics(), Some(state.step))?;
+    let plotted = read_history(&run.metrics())
+        .map_err(|e| CoordinatorError::io(format!("failed to read {}", run.metrics().display()), e))?;
     let mut history = EventLog::open(&run.events())?;
     history.record(
         state.step,
@@ -234,7 +255,53 @@ pub async fn serve(
         Duration::from_secs(spec.cluster.heartbeat_timeout_secs),
         stop,
     );
-    let mut trainer = Trainer::new(spec.clone(), run, metrics, history, state, samplers, peers);
+    let board = StatusBoard::new(JobInfo {
+        run_dir: run.root().display().to_string(),
+        steps_total: spec.train.steps,
+        batch_size: spec.train.batch_size,
+        shards: spec.cluster.workers,
+        started_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        resumed_from,
+    });
+    board.set_phase("waiting for workers");
+    let (status_stop, status_stopped) = oneshot::channel::<()>();
+    let status_server = match monitoring.status {
+        Some(listener) => {
+            if let Ok(address) = listener.local_addr() {
+                info!(url = %format!("http://{address}/"), "status page");
+            }
+            let stopped = async {
+                let _ = status_stopped.await;
+            };
+            Some(tokio::spawn(crate::status::serve_status(
+                listener,
+                board.clone(),
+                stopped,
+            )))
+        }
+        None => None,
+    };
+    let tensorboard = if monitoring.tensorboard {
+        match EventWriter::create(&run.tensorboard()) {
+            Ok(writer) => Some(writer),
+            Err(e) => {
+                warn!(error = %e, "could not start a TensorBoard event file; the run goes on without one");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let monitor = Monitor::new(monitoring.console, board, tensorboard, &run, spec.train.steps, plotted);
+    let logs = RunLogs {
+        metrics,
+        events: history,
+        monitor,
+        quality,
+    };
+    let mut trainer = Trainer::new(spec.clone(), run, logs, state, samplers, peers);
     // Local workers that all die before training starts (a broken install) would otherwise
     // leave us waiting for the join timeout. Once training runs, a lost worker is the
     // trainer's to handle: it evicts it and carries on.
@@ -274,6 +341,10 @@ pub async fn serve(
             Ok(_) => cluster.wait(LOCAL_EXIT_TIMEOUT).await,
             Err(_) => cluster.wait_or_kill(STOPPED_EXIT_TIMEOUT).await,
         }
+    }
+    let _ = status_stop.send(());
+    if let Some(server) = status_server {
+        server.abort();
     }
     // Graceful shutdown waits for clients to hang up; a worker that never does must not hold
     // the coordinator open, so the wait is bounded.

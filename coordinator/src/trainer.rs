@@ -30,12 +30,15 @@ use forger_common::spec::JobSpec;
 use forger_common::wire;
 use forger_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
 use tokio::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{CoordinatorError, Result};
+use crate::monitor::{Monitor, WorkerTimes};
 use crate::peers::Peers;
+use crate::quality::QualityProbe;
 use crate::reduce::{self, Finish, StreamingMean, Taken, chunk_count, chunk_range};
-use crate::run_dir::{EventLog, MetricsLog, RunDir, StepRecord};
+use crate::run_dir::{EventLog, MetricsLog, QualityRecord, RunDir, StepRecord};
+use crate::status::WorkerRow;
 
 mod membership;
 
@@ -196,6 +199,16 @@ impl Net {
     }
 }
 
+/// What the trainer writes and shows besides checkpoints.
+#[derive(Debug)]
+pub struct RunLogs {
+    pub metrics: MetricsLog,
+    pub events: EventLog,
+    pub monitor: Monitor,
+    /// The held-out images' reference for the score at checkpoints; `None`: no score.
+    pub quality: Option<QualityProbe>,
+}
+
 /// Drives the run from the current state to the spec's last step.
 #[derive(Debug)]
 pub struct Trainer {
@@ -203,6 +216,10 @@ pub struct Trainer {
     run: RunDir,
     metrics: MetricsLog,
     history: EventLog,
+    monitor: Monitor,
+    quality: Option<QualityProbe>,
+    /// Each worker's time in the step in flight.
+    worker_times: WorkerTimes,
     state: TrainingState,
     /// One sampler per shard, in shard order.
     samplers: Vec<BatchSampler>,
@@ -243,12 +260,17 @@ impl Trainer {
     pub fn new(
         spec: JobSpec,
         run: RunDir,
-        metrics: MetricsLog,
-        history: EventLog,
+        logs: RunLogs,
         state: TrainingState,
         samplers: Vec<BatchSampler>,
         peers: Peers,
     ) -> Self {
+        let RunLogs {
+            metrics,
+            events: history,
+            monitor,
+            quality,
+        } = logs;
         let t = &spec.train;
         let bn_len = layout::batch_norm_stats_len(&spec.model);
         let compression = spec.cluster.gradient_compression;
@@ -261,6 +283,9 @@ impl Trainer {
             run,
             metrics,
             history,
+            monitor,
+            quality,
+            worker_times: WorkerTimes::default(),
             summary: RunSummary {
                 step: state.step,
                 ..RunSummary::default()
@@ -325,6 +350,7 @@ impl Trainer {
                     ("the run is complete", "finished", false)
                 };
                 let workers = self.peers.all().len();
+                self.monitor.finished(event);
                 self.history
                     .record(summary.step, event, serde_json::json!({ "workers_dismissed": workers }));
                 self.peers.dismiss_all(reason, stopped).await;
@@ -338,6 +364,7 @@ impl Trainer {
                         Err(save) => warn!(error = %save, "could not save the emergency checkpoint"),
                     }
                 }
+                self.monitor.finished(&format!("failed: {e}"));
                 self.history
                     .record(self.state.step, "failed", serde_json::json!({ "error": e.to_string() }));
                 self.peers.dismiss_all(&format!("the run failed: {e}"), false).await;
@@ -349,6 +376,7 @@ impl Trainer {
     /// Returns whether the run reached its last step (false: stopped by a signal).
     async fn run_steps(&mut self) -> Result<bool> {
         let steps = self.spec.train.steps;
+        self.monitor.training_started(self.state.step);
         while self.state.step < steps {
             if self.peers.stopping() {
                 info!(step = self.state.step, "stopping on request");
@@ -405,7 +433,8 @@ impl Trainer {
             };
             self.attempt = 1;
             self.excluded.clear();
-            info!(
+            // The console's progress says this every few seconds; each step is for debugging.
+            debug!(
                 step,
                 loss_d = record.loss_d,
                 loss_g = record.loss_g,
@@ -416,6 +445,9 @@ impl Trainer {
                 "step complete"
             );
             self.metrics.append(&record)?;
+            let times = self.worker_times.end_step();
+            self.monitor.step_completed(&record);
+            self.monitor.workers(self.worker_rows(&times));
             if step.is_multiple_of(self.spec.checkpoint.every) || step == steps {
                 self.checkpoint_with_samples(step).await?;
             }
@@ -441,6 +473,7 @@ impl Trainer {
     fn stopped(&mut self) -> Result<bool> {
         if self.state.step > self.last_checkpoint {
             self.save_checkpoint()?;
+            self.monitor.checkpointed();
         }
         Ok(false)
     }
@@ -464,6 +497,8 @@ impl Trainer {
         let bn_before = self.state.batch_norm.clone();
         self.d.updated = false;
         self.g.updated = false;
+        // An undone attempt's times say nothing about the step.
+        self.worker_times.end_step();
         let result = self.try_step(step, started).await;
         if result.is_err() {
             for (sampler, state) in self.samplers.iter_mut().zip(samplers_before) {
@@ -731,11 +766,13 @@ impl Trainer {
                         ));
                     }
                     got[index] = Some(l);
+                    self.worker_times.answered(worker, started.elapsed());
                 }
                 other => return Err(self.unexpected(worker, step, "evaluate", &other)),
             }
         }
         self.observe_phase(started);
+        self.worker_times.end_phase();
         let losses: Vec<pb::Losses> = got.into_iter().map(Option::unwrap).collect();
         if check_params {
             let expected = self.params_crc32();
@@ -901,6 +938,7 @@ impl Trainer {
                 return Err(self.unexpected(worker, step, phase, &In::Gradient(chunk)));
             }
             let shard = chunk.shard;
+            self.worker_times.answered(worker, started.elapsed());
             let (slot, master) = match net {
                 Net::Discriminator => (&mut self.d, &self.state.discriminator),
                 Net::Generator => (&mut self.g, &self.state.generator),
@@ -930,6 +968,7 @@ impl Trainer {
             }
             if self.slot(net).mean.is_complete() {
                 self.observe_phase(started);
+                self.worker_times.end_phase();
             }
         }
         Ok(self.slot(net).mean.parts() as u32)
@@ -980,9 +1019,92 @@ impl Trainer {
             .await
     }
 
+    /// The checkpoint first (it is what must not be lost), then the sample grid, the score
+    /// and the plot.
     async fn checkpoint_with_samples(&mut self, step: u64) -> Result<()> {
+        self.monitor.phase("checkpointing");
         self.save_checkpoint()?;
-        self.save_samples(step).await
+        self.save_samples(step).await?;
+        self.save_score(step).await?;
+        self.monitor.checkpointed();
+        self.monitor.phase("training");
+        Ok(())
+    }
+
+    /// Scores the generator on the held-out images, with images drawn by a training worker;
+    /// one that fails is evicted and the next asked, and with none left the score is skipped.
+    async fn save_score(&mut self, step: u64) -> Result<()> {
+        let Some(probe) = self.quality.take() else {
+            return Ok(());
+        };
+        let result = self.score_with(&probe, step).await;
+        self.quality = Some(probe);
+        let Some(record) = result? else {
+            warn!(step, "no worker could draw the images to score; the score is skipped");
+            return Ok(());
+        };
+        info!(
+            step,
+            swd = record.swd,
+            seconds = record.seconds,
+            "quality score (sliced Wasserstein distance, lower is better)"
+        );
+        self.metrics.append_quality(&record)?;
+        self.monitor.scored(&record);
+        Ok(())
+    }
+
+    async fn score_with(&mut self, probe: &QualityProbe, step: u64) -> Result<Option<QualityRecord>> {
+        let started = Instant::now();
+        let candidates: Vec<u64> = self.peers.training().map(|p| p.info.id).collect();
+        'workers: for worker in candidates {
+            let mut pixels = Vec::new();
+            for request in probe.requests() {
+                match self.request_images(worker, step, request.count, request.seed).await {
+                    Ok(part) => pixels.extend_from_slice(&part),
+                    Err(CoordinatorError::Worker {
+                        worker,
+                        host,
+                        phase,
+                        message,
+                        ..
+                    }) => {
+                        warn!(worker, %host, step, phase, %message, "evicting the worker");
+                        self.evict(worker, &host, phase, &message);
+                        continue 'workers;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let score = tokio::task::block_in_place(|| probe.score(&pixels))?;
+            return Ok(Some(QualityRecord {
+                step,
+                swd: score.mean,
+                swd_levels: score.levels,
+                held_out: probe.held_out(),
+                generated: probe.generated(),
+                seconds: started.elapsed().as_secs_f64(),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The status page's rows: one per connected worker.
+    fn worker_rows(&self, times: &std::collections::HashMap<u64, Duration>) -> Vec<WorkerRow> {
+        self.peers
+            .all()
+            .iter()
+            .map(|peer| WorkerRow {
+                id: peer.info.id,
+                slot: peer.info.rank,
+                address: peer.info.host.clone(),
+                device: peer.info.device.clone(),
+                replicas: peer.info.replicas,
+                shards: peer.shards.clone(),
+                step_seconds: times.get(&peer.info.id).map(Duration::as_secs_f64),
+                last_seen_secs_ago: peer.last_seen().elapsed().as_secs_f64(),
+            })
+            .collect()
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
@@ -1012,13 +1134,22 @@ impl Trainer {
     /// skipped (the checkpoint is already safe).
     async fn save_samples(&mut self, step: u64) -> Result<()> {
         let candidates: Vec<u64> = self.peers.training().map(|p| p.info.id).collect();
+        let (count, seed) = (
+            self.spec.checkpoint.samples,
+            seeds::derive(self.spec.train.seed, Stream::SampleNoise, &[]),
+        );
         for worker in candidates {
-            match self.request_samples(worker, step).await {
+            match self.request_images(worker, step, count, seed).await {
                 Ok(pixels) => {
                     let size = self.spec.data.image_size;
                     let path = self.run.sample_grid(step);
                     let image = grid::tile(&pixels, self.spec.checkpoint.samples as usize, size);
-                    tokio::task::block_in_place(|| grid::save_png(&path, &image))?;
+                    let png = tokio::task::block_in_place(|| -> Result<Vec<u8>> {
+                        let png = grid::encode_png(&path, &image)?;
+                        forger_common::atomic::write_atomic(&path, &png)?;
+                        Ok(png)
+                    })?;
+                    self.monitor.sample_grid(step, &png, image.width(), image.height());
                     return Ok(());
                 }
                 Err(CoordinatorError::Worker {
@@ -1038,13 +1169,9 @@ impl Trainer {
         Ok(())
     }
 
-    async fn request_samples(&mut self, worker: u64, step: u64) -> Result<Bytes> {
-        let count = self.spec.checkpoint.samples;
-        let request = pb::CoordinatorMessage::of(Out::Sample(pb::SampleRequest {
-            step,
-            count,
-            seed: seeds::derive(self.spec.train.seed, Stream::SampleNoise, &[]),
-        }));
+    /// `count` images from a worker's generator with the noise of `seed`.
+    async fn request_images(&mut self, worker: u64, step: u64, count: u32, seed: u64) -> Result<Bytes> {
+        let request = pb::CoordinatorMessage::of(Out::Sample(pb::SampleRequest { step, count, seed }));
         let deadline = self.phase_deadline();
         self.peers.send(worker, request, deadline, step, "sample").await?;
         let size = self.spec.data.image_size;

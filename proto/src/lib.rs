@@ -4,6 +4,7 @@
 //! [`data`] frames the data connection that carries gradients and parameters beside the
 //! Session, and [`order`] merges the two back into the coordinator's send order. [`tls`] and
 //! [`token`] secure both connections; [`connection`] is the stream type they travel on.
+//! [`tensorboard`] holds the few TensorBoard event messages the coordinator's event log writes.
 
 pub mod connection;
 pub mod data;
@@ -18,6 +19,14 @@ pub const PROTOCOL_VERSION: u32 = 4;
 #[allow(missing_debug_implementations, clippy::all)]
 pub mod pb {
     tonic::include_proto!("forger.v1");
+}
+
+/// The subset of TensorBoard's `Event` and `Summary` that forger writes (scalars and PNG
+/// images), wire-compatible with TensorBoard's own; generated from
+/// `proto/tensorboard/event.proto`.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod tensorboard {
+    tonic::include_proto!("forger.tensorboard");
 }
 
 impl pb::CoordinatorMessage {

@@ -166,6 +166,7 @@ impl TestCoordinator {
             resume: resume.into(),
             local_workers,
             security,
+            monitoring: forger_coordinator::Monitoring::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(forger_coordinator::serve(config, listener, async {
@@ -199,8 +200,23 @@ impl TestCoordinator {
     }
 }
 
-/// The steps of a run's metrics log, in order.
+/// The steps of a run's metrics log, in order (its quality lines, which have `swd`, left out).
 pub fn metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    all_metric_lines(run_dir)
+        .into_iter()
+        .filter(|line| line.get("swd").is_none())
+        .collect()
+}
+
+/// The quality scores of a run's metrics log, in order.
+pub fn quality_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    all_metric_lines(run_dir)
+        .into_iter()
+        .filter(|line| line.get("swd").is_some())
+        .collect()
+}
+
+fn all_metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .expect("metrics.jsonl exists")
         .lines()

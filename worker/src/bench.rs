@@ -12,7 +12,7 @@ use forger_common::checkpoint;
 use forger_common::dataset;
 use forger_common::init::fresh_state;
 use forger_common::rmsprop::RmsProp;
-use forger_common::sampler::{BatchSampler, SamplerState, assign_shards};
+use forger_common::sampler::{BatchSampler, SamplerState, assign_shards, split_for};
 use forger_common::spec::JobSpec;
 use tch::Device;
 
@@ -41,7 +41,7 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
     let shard_count = spec.cluster.workers as usize;
     let batch = spec.train.batch_size as usize;
     let seed = spec.train.seed;
-    let shards = assign_shards(prepared.len(), shard_count, seed);
+    let shards = assign_shards(split_for(spec, prepared.len()).training, shard_count, seed);
     if shards.iter().any(|s| s.len() < batch) {
         return Err(WorkerError::Spec(format!(
             "{} images in {shard_count} shards leave a shard smaller than a batch of {batch}",

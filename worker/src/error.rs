@@ -25,6 +25,9 @@ pub enum WorkerError {
         expected: String,
         found: Vec<i64>,
     },
+    /// A command-line value is out of range or cannot work; the message names the flag.
+    #[error("{0}")]
+    Usage(String),
     /// The requested device cannot be used.
     #[error("device: {0}")]
     Device(String),

@@ -12,7 +12,8 @@
 //! - [`compute`]: the thread that drives the replicas and follows the coordinator's steps.
 //! - [`gradient_encoder`]: gradients to wire bytes, bf16 with error feedback when asked.
 //! - [`device`]: `--device` and `--devices` names to libtorch devices.
-//! - [`generate`]: faces from a checkpoint.
+//! - [`generate`]: faces from a checkpoint: a grid, single images, walks between two draws;
+//!   [`score`]: checkpoints' quality scores.
 //! - [`error`]: the crate's error type.
 
 pub mod bench;
@@ -26,4 +27,5 @@ pub mod gradient_encoder;
 pub mod model;
 pub mod replica;
 pub mod replica_set;
+pub mod score;
 pub mod shard;

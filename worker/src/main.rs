@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use forger_proto::tls::ClientSecurity;
 use forger_worker::client::{self, WorkerConfig};
 use forger_worker::{device, generate};
@@ -58,20 +58,53 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Draw faces from a checkpoint as one grid image.
+    /// Draw faces from a checkpoint: a grid image, one PNG per face, or walks between two draws
+    /// of noise.
+    #[command(group(ArgGroup::new("output").required(true).multiple(true).args(["out", "images"])))]
     Generate {
         /// A checkpoint file from a run directory's checkpoints/ folder.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// How many faces to draw.
+        /// How many faces to draw; with --interpolate, how many walks.
         #[arg(long, default_value_t = 64)]
         count: usize,
-        /// The PNG to write.
+        /// The grid PNG to write: near-square, or with --interpolate one walk per row and one
+        /// frame per column.
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
+        /// Also (or, without --out, instead) write every face as its own PNG in this folder,
+        /// created if missing: 0000.png, 0001.png ... in grid order, face i from noise row i of
+        /// --seed; with --interpolate, 0003-07.png is frame 7 of walk 3. Files of the same
+        /// names are replaced.
+        #[arg(long, value_name = "DIR")]
+        images: Option<PathBuf>,
+        /// Enlarge every face N times, in the grid and in --images, by repeating pixels
+        /// (nearest neighbour).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        scale: u32,
         /// Seed of the noise: the same seed draws the same faces.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Walk from each noise row of --seed to the same row of --to-seed in K frames, both
+        /// ends included, along a straight line in noise space.
+        #[arg(long, value_name = "K")]
+        interpolate: Option<usize>,
+        /// Seed of the noise the walks end at (default: --seed + 1).
+        #[arg(long, requires = "interpolate")]
+        to_seed: Option<u64>,
+        #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
+        device: String,
+    },
+    /// Print the quality score of checkpoints, one JSON line each: the sliced Wasserstein
+    /// distance between the images their job holds out and images from their generator, as
+    /// the coordinator computes it at checkpoints (lower is better).
+    Score {
+        /// Checkpoint files, of one run or several.
+        #[arg(required = true)]
+        checkpoints: Vec<PathBuf>,
+        /// Overrides the checkpoints' data.path.
+        #[arg(long)]
+        data: Option<PathBuf>,
         #[arg(long, env = "FORGER_DEVICE", default_value = "auto")]
         device: String,
     },
@@ -128,20 +161,51 @@ fn run(args: Args) -> anyhow::Result<()> {
         checkpoint,
         count,
         out,
+        images,
+        scale,
         seed,
+        interpolate,
+        to_seed,
         device,
     }) = args.command
     {
-        anyhow::ensure!(count >= 1, "--count must be at least 1");
-        anyhow::ensure!(
-            out.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")),
-            "--out {} must name a .png file",
-            out.display()
-        );
+        let request = generate::Request {
+            count,
+            seed,
+            walk: interpolate.map(|frames| generate::Walk {
+                frames,
+                to_seed: to_seed.unwrap_or(seed.wrapping_add(1)),
+            }),
+            scale,
+            grid: out,
+            images,
+        };
+        request.check().map_err(|e| UsageError(e.to_string()))?;
         let device = device::resolve(&device)?;
-        generate::generate(&checkpoint, count, seed, device, &out)
+        let written = generate::generate(&checkpoint, &request, device)
             .with_context(|| format!("failed to generate from {}", checkpoint.display()))?;
-        eprintln!("wrote {count} images to {}", out.display());
+        if let (Some(out), Some((width, height))) = (&request.grid, written.grid) {
+            eprintln!(
+                "wrote {} images to {} ({width}x{height})",
+                written.images,
+                out.display()
+            );
+        }
+        if let Some(dir) = &request.images {
+            eprintln!("wrote {} image files to {}", written.files, dir.display());
+        }
+        return Ok(());
+    }
+    if let Some(Command::Score {
+        checkpoints,
+        data,
+        device,
+    }) = args.command
+    {
+        let device = device::resolve(&device)?;
+        for scored in forger_worker::score::score(&checkpoints, data.as_deref(), device)? {
+            println!("{}", serde_json::to_string(&scored)?);
+        }
         return Ok(());
     }
     if let Some(Command::Bench {

@@ -47,6 +47,8 @@ pub struct JobSpec {
     pub cluster: ClusterSpec,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub quality: QualitySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,6 +166,61 @@ pub struct CheckpointSpec {
     /// Images in each sample grid, all from one fixed noise batch.
     #[serde(default = "default_samples")]
     pub samples: u32,
+}
+
+/// The quality score computed at every checkpoint: the sliced Wasserstein distance between
+/// Laplacian-pyramid patches of held-out real images and of generated ones (lower is better).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualitySpec {
+    /// Real images set aside before sharding, never trained on, that generated images are
+    /// scored against; 0 turns the score off. Datasets of fewer than `MIN_IMAGES_PER_HELD_OUT`
+    /// times this many images keep every image for training and are not scored.
+    #[serde(default = "default_held_out")]
+    pub held_out: u32,
+    /// Generated images scored at each checkpoint, from one fixed noise batch.
+    #[serde(default = "default_generated")]
+    pub generated: u32,
+}
+
+/// A dataset must hold this many times `quality.held_out` images for any to be held out: a
+/// score is not worth training on a large part fewer images.
+pub const MIN_IMAGES_PER_HELD_OUT: usize = 10;
+/// The fewest images on either side of a score: below this the distance is mostly noise.
+pub const MIN_SCORED_IMAGES: u32 = 64;
+/// The most images on either side of a score: enough for a stable distance, little enough to
+/// score in seconds.
+pub const MAX_SCORED_IMAGES: u32 = 8192;
+/// Bytes the generated set may take: the coordinator holds it whole while scoring.
+const MAX_SCORED_BYTES: u64 = 256 << 20;
+
+fn default_held_out() -> u32 {
+    512
+}
+fn default_generated() -> u32 {
+    512
+}
+
+impl Default for QualitySpec {
+    fn default() -> Self {
+        QualitySpec {
+            held_out: default_held_out(),
+            generated: default_generated(),
+        }
+    }
+}
+
+impl QualitySpec {
+    /// How many images a dataset of `images` holds out: `held_out`, or none when the dataset
+    /// is too small to spare them.
+    pub fn held_out_of(&self, images: usize) -> usize {
+        let wanted = self.held_out as usize;
+        if wanted > 0 && images >= wanted * MIN_IMAGES_PER_HELD_OUT {
+            wanted
+        } else {
+            0
+        }
+    }
 }
 
 fn default_image_size() -> u32 {
@@ -572,7 +629,28 @@ impl JobSpec {
                 self.checkpoint.samples
             ),
         );
+        let held_out = self.quality.held_out;
+        check(
+            held_out == 0 || (MIN_SCORED_IMAGES..=MAX_SCORED_IMAGES).contains(&held_out),
+            "quality.held_out",
+            format!("expected 0 (no score) or {MIN_SCORED_IMAGES} to {MAX_SCORED_IMAGES}, found {held_out}"),
+        );
+        // The generated set is drawn in sample-sized messages and held whole while scored.
+        let max_generated =
+            (MAX_SCORED_BYTES / (3 * u64::from(sample_side).pow(2))).min(u64::from(MAX_SCORED_IMAGES)) as u32;
+        let generated = self.quality.generated;
+        check(
+            held_out == 0 || (MIN_SCORED_IMAGES..=max_generated.max(MIN_SCORED_IMAGES)).contains(&generated),
+            "quality.generated",
+            format!("expected {MIN_SCORED_IMAGES} to {max_generated} at image_size {size}, found {generated}"),
+        );
         problems
+    }
+
+    /// How many generated images one sample message carries at this spec's image size.
+    pub fn samples_per_message(&self) -> u32 {
+        let side = u64::from(self.data.image_size.max(1));
+        (MAX_SAMPLE_BYTES / (3 * side * side)).clamp(1, 1024) as u32
     }
 }
 
@@ -670,6 +748,26 @@ mod tests {
         let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, vec!["cluster.step_timeout_secs", "checkpoint.samples"]);
         assert!(problems[1].message.contains("1 to 655"), "{}", problems[1].message);
+    }
+
+    #[test]
+    fn the_quality_score_holds_out_images_only_from_a_dataset_that_can_spare_them() {
+        let spec = JobSpec::parse(MINIMAL, "test").unwrap();
+        assert_eq!((spec.quality.held_out, spec.quality.generated), (512, 512));
+        assert_eq!(spec.quality.held_out_of(9780), 512);
+        assert_eq!(spec.quality.held_out_of(5120), 512);
+        assert_eq!(spec.quality.held_out_of(5119), 0);
+        let off = JobSpec::parse(&format!("{MINIMAL}[quality]\nheld_out = 0\n"), "test").unwrap();
+        assert_eq!(off.quality.held_out_of(100_000), 0);
+        let Err(Error::SpecInvalid { problems, .. }) = JobSpec::parse(
+            &format!("{MINIMAL}[quality]\nheld_out = 10\ngenerated = 100000\n"),
+            "test",
+        ) else {
+            panic!("a score of 10 images against 100,000 is refused");
+        };
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, vec!["quality.held_out", "quality.generated"]);
+        assert!(problems[1].message.contains("64 to 8192"), "{}", problems[1].message);
     }
 
     #[test]

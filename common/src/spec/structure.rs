@@ -8,7 +8,7 @@ use toml::{Table, Value};
 use super::{JobSpec, SpecProblem};
 
 /// The tables a spec may have.
-const SECTIONS: [&str; 5] = ["data", "model", "train", "cluster", "checkpoint"];
+const SECTIONS: [&str; 6] = ["data", "model", "train", "cluster", "checkpoint", "quality"];
 
 /// The problems of a spec that does not deserialize, or none when `text` is not TOML at all
 /// (the parser's own message, with its line and column, says more then) or when no key is

@@ -287,9 +287,12 @@ fn wait_listening(coordinator: &mut Spawned, address: &str, limit: Duration) -> 
 fn read_metrics(run_dir: &Path) -> anyhow::Result<Vec<Value>> {
     let path = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
+    let lines: Vec<Value> = text
+        .lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("a line of {} is not JSON", path.display())))
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    // Quality scores (lines with `swd`) are no steps.
+    Ok(lines.into_iter().filter(|l| l.get("swd").is_none()).collect())
 }
 
 fn read_reports(dir: &Path, workers: u32) -> anyhow::Result<Vec<Value>> {
