@@ -23,6 +23,7 @@ use forger_common::chunk_update::{ChunkState, LastPart, finish_chunk};
 use forger_common::compression::GradientCompression;
 use forger_common::grid;
 use forger_common::layout::{self, BATCH_NORM_DECAY};
+use forger_common::quality::job::ImageRequest;
 use forger_common::rmsprop::{RmsProp, update_moving_average};
 use forger_common::sampler::BatchSampler;
 use forger_common::seeds::{self, Stream};
@@ -1032,14 +1033,30 @@ impl Trainer {
     }
 
     /// Scores the generator on the held-out images, with images drawn by a training worker;
-    /// one that fails is evicted and the next asked, and with none left the score is skipped.
+    /// with no worker able to draw them the score is skipped (the checkpoint is already safe).
     async fn save_score(&mut self, step: u64) -> Result<()> {
         let Some(probe) = self.quality.take() else {
             return Ok(());
         };
-        let result = self.score_with(&probe, step).await;
+        let started = Instant::now();
+        let drawn = self.draw_images(step, probe.requests()).await;
+        let scored = drawn.and_then(|pixels| {
+            pixels
+                .map(|pixels| tokio::task::block_in_place(|| probe.score(&pixels)))
+                .transpose()
+        });
+        let record = scored.map(|score| {
+            score.map(|score| QualityRecord {
+                step,
+                swd: score.mean,
+                swd_levels: score.levels,
+                held_out: probe.held_out(),
+                generated: probe.generated(),
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        });
         self.quality = Some(probe);
-        let Some(record) = result? else {
+        let Some(record) = record? else {
             warn!(step, "no worker could draw the images to score; the score is skipped");
             return Ok(());
         };
@@ -1054,12 +1071,13 @@ impl Trainer {
         Ok(())
     }
 
-    async fn score_with(&mut self, probe: &QualityProbe, step: u64) -> Result<Option<QualityRecord>> {
-        let started = Instant::now();
+    /// The images of `requests`, drawn by one training worker and concatenated in order. A
+    /// worker that fails at it is evicted and the next one asked; `None` when none is left.
+    async fn draw_images(&mut self, step: u64, requests: &[ImageRequest]) -> Result<Option<Vec<u8>>> {
         let candidates: Vec<u64> = self.peers.training().map(|p| p.info.id).collect();
         'workers: for worker in candidates {
             let mut pixels = Vec::new();
-            for request in probe.requests() {
+            for request in requests {
                 match self.request_images(worker, step, request.count, request.seed).await {
                     Ok(part) => pixels.extend_from_slice(&part),
                     Err(CoordinatorError::Worker {
@@ -1076,15 +1094,7 @@ impl Trainer {
                     Err(e) => return Err(e),
                 }
             }
-            let score = tokio::task::block_in_place(|| probe.score(&pixels))?;
-            return Ok(Some(QualityRecord {
-                step,
-                swd: score.mean,
-                swd_levels: score.levels,
-                held_out: probe.held_out(),
-                generated: probe.generated(),
-                seconds: started.elapsed().as_secs_f64(),
-            }));
+            return Ok(Some(pixels));
         }
         Ok(None)
     }
@@ -1129,43 +1139,25 @@ impl Trainer {
         Ok(())
     }
 
-    /// Asks a training worker for the fixed-noise sample batch and writes it as a grid. A
-    /// worker that fails at it is evicted and the next one asked; with none left the grid is
-    /// skipped (the checkpoint is already safe).
+    /// Asks a training worker for the fixed-noise sample batch and writes it as a grid; with
+    /// no worker able to draw it the grid is skipped (the checkpoint is already safe).
     async fn save_samples(&mut self, step: u64) -> Result<()> {
-        let candidates: Vec<u64> = self.peers.training().map(|p| p.info.id).collect();
-        let (count, seed) = (
-            self.spec.checkpoint.samples,
-            seeds::derive(self.spec.train.seed, Stream::SampleNoise, &[]),
-        );
-        for worker in candidates {
-            match self.request_images(worker, step, count, seed).await {
-                Ok(pixels) => {
-                    let size = self.spec.data.image_size;
-                    let path = self.run.sample_grid(step);
-                    let image = grid::tile(&pixels, self.spec.checkpoint.samples as usize, size);
-                    let png = tokio::task::block_in_place(|| -> Result<Vec<u8>> {
-                        let png = grid::encode_png(&path, &image)?;
-                        forger_common::atomic::write_atomic(&path, &png)?;
-                        Ok(png)
-                    })?;
-                    self.monitor.sample_grid(step, &png, image.width(), image.height());
-                    return Ok(());
-                }
-                Err(CoordinatorError::Worker {
-                    worker,
-                    host,
-                    phase,
-                    message,
-                    ..
-                }) => {
-                    warn!(worker, %host, step, phase, %message, "evicting the worker");
-                    self.evict(worker, &host, phase, &message);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        warn!(step, "no worker could draw the sample grid; it is skipped");
+        let request = ImageRequest {
+            count: self.spec.checkpoint.samples,
+            seed: seeds::derive(self.spec.train.seed, Stream::SampleNoise, &[]),
+        };
+        let Some(pixels) = self.draw_images(step, &[request]).await? else {
+            warn!(step, "no worker could draw the sample grid; it is skipped");
+            return Ok(());
+        };
+        let path = self.run.sample_grid(step);
+        let image = grid::tile(&pixels, request.count as usize, self.spec.data.image_size);
+        let png = tokio::task::block_in_place(|| -> Result<Vec<u8>> {
+            let png = grid::encode_png(&path, &image)?;
+            forger_common::atomic::write_atomic(&path, &png)?;
+            Ok(png)
+        })?;
+        self.monitor.sample_grid(step, &png, image.width(), image.height());
         Ok(())
     }
 

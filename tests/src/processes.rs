@@ -8,6 +8,26 @@ use std::time::{Duration, Instant};
 
 use crate::binary;
 
+/// The README's one-machine command: a coordinator on a loopback port chosen by the OS with
+/// `workers` local workers of one thread each, `data` overriding the spec's folder if given.
+pub fn local_cluster_command(spec: &Path, run: &Path, data: Option<&Path>, workers: usize) -> Command {
+    let mut command = Command::new(binary("forger-coordinator"));
+    command.arg("--spec").arg(spec).arg("--out").arg(run);
+    if let Some(data) = data {
+        command.arg("--data").arg(data);
+    }
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--local-worker-threads",
+            "1",
+            "--local-workers",
+        ])
+        .arg(workers.to_string());
+    command
+}
+
 /// `--credentials DIR` (and `--mtls` for a coordinator that asks for certificates), or
 /// `--insecure`.
 pub fn security_args(command: &mut Command, credentials: Option<&Path>, mutual: bool) {

@@ -3,10 +3,9 @@
 //! report file. Files the `image` crate cannot write come from `tests/corpus/images/`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use forger_common::dataset::{self, MAX_SIDE, SkipKind};
-use forger_tests::{binary, repo_root};
+use forger_tests::repo_root;
 use image::{ImageBuffer, ImageFormat, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 
 const SIZE: u32 = 8;
@@ -238,19 +237,7 @@ fn run_on_zoo(dir: &Path, batch: u32) -> (std::process::Output, PathBuf) {
     std::fs::create_dir(&data).unwrap();
     zoo(&data);
     let run = dir.join("run");
-    let out = Command::new(binary("forger-coordinator"))
-        .arg("--spec")
-        .arg(zoo_spec(dir, &data, batch))
-        .arg("--out")
-        .arg(&run)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--local-workers",
-            "1",
-            "--local-worker-threads",
-            "1",
-        ])
+    let out = forger_tests::processes::local_cluster_command(&zoo_spec(dir, &data, batch), &run, None, 1)
         .output()
         .unwrap();
     (out, run)

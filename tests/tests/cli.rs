@@ -166,23 +166,7 @@ fn an_empty_dataset_is_refused_before_any_worker_starts() {
 /// The README's main command on a spec in a test folder: a coordinator with two local workers
 /// of one thread each, on the shared faces.
 fn local_cluster_command(spec: &std::path::Path, run: &std::path::Path) -> Command {
-    let mut command = Command::new(binary("forger-coordinator"));
-    command
-        .arg("--spec")
-        .arg(spec)
-        .arg("--data")
-        .arg(shared_faces())
-        .arg("--out")
-        .arg(run)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--local-workers",
-            "2",
-            "--local-worker-threads",
-            "1",
-        ]);
-    command
+    forger_tests::processes::local_cluster_command(spec, run, Some(&shared_faces()), 2)
 }
 
 #[test]

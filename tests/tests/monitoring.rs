@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use forger_common::dataset;
 use forger_common::sampler::split_for;
 use forger_common::spec::JobSpec;
-use forger_tests::processes::free_local_address;
+use forger_tests::processes::{free_local_address, local_cluster_command};
 use forger_tests::{binary, metric_lines, quality_lines, shared_faces};
 
 fn write_spec(dir: &Path, body: &str) -> std::path::PathBuf {
@@ -22,23 +22,7 @@ fn write_spec(dir: &Path, body: &str) -> std::path::PathBuf {
 }
 
 fn coordinator(spec: &Path, run: &Path) -> Command {
-    let mut command = Command::new(binary("forger-coordinator"));
-    command
-        .arg("--spec")
-        .arg(spec)
-        .arg("--data")
-        .arg(shared_faces())
-        .arg("--out")
-        .arg(run)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--local-workers",
-            "1",
-            "--local-worker-threads",
-            "1",
-        ]);
-    command
+    local_cluster_command(spec, run, Some(&shared_faces()), 1)
 }
 
 /// The check of the score itself: real faces against other real faces score far
