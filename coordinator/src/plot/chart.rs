@@ -171,3 +171,20 @@ pub(super) fn draw_key(area: &Area<'_>, items: &[KeyItem]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A line two pixels thick through `points`, as two one-pixel lines a pixel apart: plotters'
+/// own wide strokes can shoot spikes far out of the chart on steep, noisy data
+/// (plotters-rs/plotters#549), and its one-pixel lines are exact.
+pub(super) fn thick_line(chart: &Chart<'_, '_>, points: &[(f64, f64)], color: RGBColor) -> Result<()> {
+    let plot = chart.plotting_area();
+    let pixels: Vec<(i32, i32)> = points.iter().map(|p| plot.map_coordinate(p)).collect();
+    let canvas = plot.strip_coord_spec();
+    let (x0, y0) = (canvas.get_base_pixel().0, canvas.get_base_pixel().1);
+    for offset in [0, 1] {
+        let shifted: Vec<(i32, i32)> = pixels.iter().map(|&(x, y)| (x - x0, y - y0 + offset)).collect();
+        canvas
+            .draw(&PathElement::new(shifted, color.stroke_width(1)))
+            .map_err(drawing)?;
+    }
+    Ok(())
+}

@@ -82,17 +82,15 @@ pub(super) fn draw(area: &Area<'_>, losses: &[LossPoint], x: &Range<f64>) -> Res
     for s in &series {
         for run in &s.runs {
             // A run of one column (a single step, or one between gaps) has no line to draw.
-            let drawn = if let [only] = run.as_slice() {
+            if let [only] = run.as_slice() {
                 chart
                     .plotting_area()
                     .draw(&Circle::new((only.step, only.mean), 4, s.color.filled()))
+                    .map_err(drawing)?;
             } else {
                 let points = run.iter().map(|b| (b.step, b.mean)).collect::<Vec<_>>();
-                chart
-                    .plotting_area()
-                    .draw(&PathElement::new(points, s.color.stroke_width(2)))
-            };
-            drawn.map_err(drawing)?;
+                chart::thick_line(&chart, &points, s.color)?;
+            }
         }
     }
 

@@ -33,8 +33,7 @@ pub(super) fn draw(area: &Area<'_>, scores: &[ScorePoint], x: &Range<f64>) -> Re
     let plot = chart.plotting_area();
 
     if points.len() > 1 {
-        plot.draw(&PathElement::new(points.clone(), SWD_COLOR.stroke_width(2)))
-            .map_err(drawing)?;
+        chart::thick_line(&chart, &points, SWD_COLOR)?;
     }
     if points.len() <= MAX_MARKERS {
         for point in &points {

@@ -294,3 +294,43 @@ fn writes_an_example() {
     let (losses, scores) = realistic(60_000, 2_000);
     save_training_plot(&path, &losses, &scores, "faces-dcgan (synthetic example)").unwrap();
 }
+
+/// A loss that swings hard from step to step, as a GAN's does, over a run's checkpoints: no
+/// line may leave its panel. Plotters' two-pixel strokes did, by hundreds of pixels, on the
+/// metrics of a real 3,000-step run.
+#[test]
+fn steep_noisy_losses_stay_inside_their_panel() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let losses: Vec<LossPoint> = (1400..1600)
+        .map(|step| LossPoint {
+            step,
+            loss_d: 0.6 + 0.1 * next(),
+            loss_g: 0.6 + 0.7 * next(),
+            train_d: next() > 0.5,
+            train_g: true,
+        })
+        .collect();
+    let scores: Vec<ScorePoint> = (1..=6)
+        .map(|i| ScorePoint {
+            step: i * 500,
+            swd: 250.0 - 30.0 * i as f64,
+        })
+        .collect();
+    let image = render_training_plot(&losses, &scores, "noisy").unwrap();
+    for color in [D_COLOR, G_COLOR] {
+        assert!(!pixels_of(&image, color, LOSS_PANEL).is_empty());
+        let outside: Vec<_> = pixels_of(&image, color, LOSS_PANEL.end..HEIGHT);
+        assert!(
+            outside.is_empty(),
+            "{} pixels below the loss panel: {:?}",
+            outside.len(),
+            &outside[..outside.len().min(5)]
+        );
+    }
+}
