@@ -71,8 +71,9 @@ struct Args {
     worker_bin: Option<PathBuf>,
     /// Where to serve the status page (HTML at /, JSON at /status.json), or `off`. Plain
     /// HTTP and read-only; bind it beyond loopback only on a network you trust.
-    #[arg(long, env = "FORGER_STATUS_ADDR", default_value = "127.0.0.1:50052")]
-    status_addr: String,
+    #[arg(long, env = "FORGER_STATUS_ADDR", default_value = "127.0.0.1:50052", value_name = "HOST:PORT|off",
+          value_parser = parse_status_addr)]
+    status_addr: StatusAddr,
     /// Progress on the console: a live bar (on a terminal), `progress` log lines every
     /// --progress-secs, or off. auto: the bar on a terminal, lines otherwise.
     #[arg(
@@ -244,7 +245,10 @@ async fn run(args: Args, console: Console) -> anyhow::Result<std::process::ExitC
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
-    let status = bind_status(&args.status_addr).await;
+    let status = match &args.status_addr {
+        StatusAddr::At(address) => bind_status(address).await,
+        StatusAddr::Off => None,
+    };
     let config = ServeConfig {
         spec,
         run_dir: out,
@@ -268,14 +272,46 @@ async fn run(args: Args, console: Console) -> anyhow::Result<std::process::ExitC
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// `--status-addr`'s value.
+#[derive(Debug, Clone)]
+enum StatusAddr {
+    Off,
+    At(String),
+}
+
+/// `--status-addr`: `off`, or HOST:PORT with a port number; a typo is a usage error, where
+/// an address that cannot be bound at run time is only a warning.
+fn parse_status_addr(value: &str) -> Result<StatusAddr, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(StatusAddr::Off);
+    }
+    let well_formed = value.rsplit_once(':').is_some_and(|(host, port)| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    });
+    if well_formed {
+        Ok(StatusAddr::At(value.to_string()))
+    } else {
+        Err(format!(
+            "expected HOST:PORT (such as 127.0.0.1:50052) or off, found {value:?}"
+        ))
+    }
+}
+
 /// The status page's socket. A page that cannot be served (the port is taken: another
 /// coordinator on this machine) is not worth refusing the run for: it is said and skipped.
 async fn bind_status(address: &str) -> Option<tokio::net::TcpListener> {
-    if address.eq_ignore_ascii_case("off") {
-        return None;
-    }
     match tokio::net::TcpListener::bind(address).await {
-        Ok(listener) => Some(listener),
+        Ok(listener) => {
+            if listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+                tracing::warn!(
+                    address,
+                    "the status page is reachable from other machines: plain HTTP, no token, showing losses, \
+                     sample images and worker hosts (keep it on 127.0.0.1 on a shared network)"
+                );
+            }
+            Some(listener)
+        }
         Err(e) => {
             tracing::warn!(
                 address,

@@ -294,7 +294,16 @@ pub async fn serve(
     } else {
         None
     };
-    let monitor = Monitor::new(monitoring.console, board, tensorboard, &run, spec.train.steps, plotted);
+    let scored = quality.is_some();
+    let monitor = Monitor::new(
+        monitoring.console,
+        board,
+        tensorboard,
+        &run,
+        spec.train.steps,
+        scored,
+        plotted,
+    );
     let logs = RunLogs {
         metrics,
         events: history,

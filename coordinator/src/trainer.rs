@@ -378,6 +378,7 @@ impl Trainer {
     async fn run_steps(&mut self) -> Result<bool> {
         let steps = self.spec.train.steps;
         self.monitor.training_started(self.state.step);
+        self.catch_up().await?;
         while self.state.step < steps {
             if self.peers.stopping() {
                 info!(step = self.state.step, "stopping on request");
@@ -1029,6 +1030,30 @@ impl Trainer {
         self.save_score(step).await?;
         self.monitor.checkpointed();
         self.monitor.phase("training");
+        Ok(())
+    }
+
+    /// A run resumed from a checkpoint that never got its sample grid or score (written on a
+    /// stop, when no worker is asked for anything, or just before a crash) gets them now, from
+    /// the parameters it resumed with, so every checkpoint of the run has both.
+    async fn catch_up(&mut self) -> Result<()> {
+        let step = self.state.step;
+        let grid_missing = !self.run.sample_grid(step).exists();
+        let score_missing = self.quality.is_some() && !self.monitor.has_score(step);
+        if step == 0 || !(grid_missing || score_missing) {
+            return Ok(());
+        }
+        info!(
+            step,
+            grid_missing, score_missing, "completing the checkpoint resumed from"
+        );
+        if grid_missing {
+            self.save_samples(step).await?;
+        }
+        if score_missing {
+            self.save_score(step).await?;
+        }
+        self.monitor.checkpointed();
         Ok(())
     }
 

@@ -152,3 +152,100 @@ fn a_run_can_be_watched_on_its_status_page_and_judged_from_its_directory() {
     assert!(!gone.status.success());
     assert!(String::from_utf8_lossy(&gone.stderr).contains(&status_address));
 }
+
+/// A run stopped between checkpoints writes a checkpoint without asking a worker for
+/// anything; resumed, it draws that checkpoint's grid and score first, so every checkpoint
+/// of the run has both (and the plot's best score is not missing one).
+#[test]
+fn a_resumed_run_completes_the_grid_and_score_of_the_checkpoint_it_stopped_at() {
+    let dir = tempfile::tempdir().unwrap();
+    // 640 faces are the fewest that hold out 64 (ten times as many).
+    let spec_path = write_spec(
+        dir.path(),
+        "limit = 640\n[model]\nd_filters = [8, 4, 4]\ng_filters = [8, 4, 4]\n[train]\nsteps = 400\n[cluster]\n\
+         workers = 1\n[checkpoint]\nevery = 400\nsamples = 4\n[quality]\nheld_out = 64\ngenerated = 64\n",
+    );
+    let run = dir.path().join("run");
+    let mut first = coordinator(&spec_path, &run)
+        .args(["--status-addr", "off"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while forger_tests::processes::latest_step(&run) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the run never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(first.wait().unwrap().success());
+    let stopped_at = forger_tests::processes::latest_step(&run);
+    assert!(stopped_at < 400);
+    let grid = run.join(format!("samples/step-{stopped_at:08}.png"));
+    assert!(!grid.exists(), "a stop asks no worker for a grid");
+    assert!(quality_lines(&run).is_empty());
+
+    let out = coordinator(&spec_path, &run)
+        .args(["--status-addr", "off", "--resume"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("completing the checkpoint resumed from"), "{stderr}");
+    assert!(grid.is_file());
+    let scored: Vec<u64> = quality_lines(&run)
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(scored, vec![stopped_at, 400]);
+    assert_eq!(metric_lines(&run).len(), 400);
+
+    // `forger-worker score` measures a checkpoint as the coordinator did, to the bit; a bad
+    // file among the ones it is given is named and the others are still scored.
+    let missing = run.join("checkpoints/step-00000999.safetensors");
+    let out = Command::new(binary("forger-worker"))
+        .args(["score", "--device", "cpu"])
+        .arg(run.join("checkpoints/step-00000400.safetensors"))
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["step"], 400);
+    assert_eq!(lines[0]["swd"], quality_lines(&run)[1]["swd"]);
+}
+
+/// A mistyped status address is a usage error, before anything is loaded; one that is well
+/// formed but cannot be bound is only a warning (a second coordinator on the machine).
+#[test]
+fn a_mistyped_status_address_is_refused_with_the_flag_named() {
+    for bad in ["garbage", "", "127.0.0.1:99999", ":80"] {
+        let out = Command::new(binary("forger-coordinator"))
+            .args([
+                "--spec",
+                "unused.toml",
+                "--out",
+                "unused",
+                "--insecure",
+                "--status-addr",
+                bad,
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains("--status-addr") && stderr.contains("HOST:PORT"),
+            "{bad:?}: {stderr}"
+        );
+    }
+}

@@ -203,9 +203,23 @@ fn run(args: Args) -> anyhow::Result<()> {
     }) = args.command
     {
         let device = device::resolve(&device)?;
-        for scored in forger_worker::score::score(&checkpoints, data.as_deref(), device)? {
-            println!("{}", serde_json::to_string(&scored)?);
+        let mut scorer = forger_worker::score::Scorer::new(data.as_deref(), device);
+        // One bad file among many (a glob) must not hide the others' scores.
+        let mut failed = 0;
+        for checkpoint in &checkpoints {
+            match scorer.score(checkpoint) {
+                Ok(scored) => println!("{}", serde_json::to_string(&scored)?),
+                Err(e) => {
+                    eprintln!("error: {}: {e}", checkpoint.display());
+                    failed += 1;
+                }
+            }
         }
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} of {} checkpoints could not be scored",
+            checkpoints.len()
+        );
         return Ok(());
     }
     if let Some(Command::Bench {

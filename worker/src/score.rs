@@ -3,7 +3,7 @@
 //! patches and directions. It scores checkpoints of runs that had no score (or another
 //! setting) and lets runs be compared after the fact.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use forger_common::quality::{SwdScore, job};
 use forger_common::sampler::split_for;
@@ -25,35 +25,48 @@ pub struct Scored {
     pub generated: u32,
 }
 
-/// Scores each checkpoint against the images its job holds out, read from `data` or the
-/// checkpoint's own `data.path`. The dataset is loaded once for checkpoints of one job.
-pub fn score(checkpoints: &[impl AsRef<Path>], data: Option<&Path>, device: Device) -> Result<Vec<Scored>> {
-    let mut loaded: Option<(dataset::PreparedDataset, std::path::PathBuf, u32, usize)> = None;
-    let mut scored = Vec::with_capacity(checkpoints.len());
-    for path in checkpoints {
-        let path = path.as_ref();
+/// Scores checkpoints one at a time, loading a dataset once for the checkpoints of one job.
+#[derive(Debug)]
+pub struct Scorer {
+    data: Option<PathBuf>,
+    device: Device,
+    /// The last dataset loaded, with the (folder, size, limit) it was loaded for.
+    loaded: Option<((PathBuf, u32, usize), dataset::PreparedDataset)>,
+}
+
+impl Scorer {
+    /// `data` overrides each checkpoint's own `data.path`.
+    pub fn new(data: Option<&Path>, device: Device) -> Scorer {
+        Scorer {
+            data: data.map(Path::to_path_buf),
+            device,
+            loaded: None,
+        }
+    }
+
+    /// A checkpoint's score against the images its job holds out.
+    pub fn score(&mut self, path: &Path) -> Result<Scored> {
         let found = checkpoint::load(path)?;
         let mut spec = found.spec;
-        if let Some(data) = data {
-            spec.data.path = data.to_path_buf();
+        if let Some(data) = &self.data {
+            spec.data.path = data.clone();
         }
         let key = (spec.data.path.clone(), spec.data.image_size, spec.data.limit);
-        let same = loaded
-            .as_ref()
-            .is_some_and(|(_, p, size, limit)| (p, size, limit) == (&key.0, &key.1, &key.2));
-        if !same {
+        if self.loaded.as_ref().is_none_or(|(loaded, _)| *loaded != key) {
             let images = dataset::load(&key.0, key.1, key.2)?;
-            loaded = Some((images, key.0, key.1, key.2));
+            self.loaded = Some((key, images));
         }
-        let images = &loaded.as_ref().expect("loaded above").0;
+        let images = &self.loaded.as_ref().expect("loaded above").1;
         let split = split_for(&spec, images.len());
         if split.held_out.is_empty() {
-            return Err(WorkerError::Spec(format!(
-                "{}: its job holds out no images to score against (quality.held_out = {}, {} images in {})",
+            return Err(WorkerError::Usage(format!(
+                "{}: its job holds out no images to score against (quality.held_out = {}, and {} images in {} \
+                 hold out none below {} times as many)",
                 path.display(),
                 spec.quality.held_out,
                 images.len(),
-                spec.data.path.display()
+                spec.data.path.display(),
+                forger_common::spec::MIN_IMAGES_PER_HELD_OUT
             )));
         }
         let held: Vec<u8> = split
@@ -62,24 +75,23 @@ pub fn score(checkpoints: &[impl AsRef<Path>], data: Option<&Path>, device: Devi
             .flat_map(|&i| images.image(i as usize).iter().copied())
             .collect();
         let reference = job::reference(&spec, &held)?;
-        let mut replica = Replica::new(&spec.model, spec.data.image_size as usize, device)?;
+        let mut replica = Replica::new(&spec.model, spec.data.image_size as usize, self.device)?;
         replica.set_params(Net::Generator, &found.state.generator.params)?;
         replica.set_batch_norm_running(&found.state.batch_norm)?;
         let dim = spec.model.noise_dim as usize;
         let mut pixels = Vec::new();
         for request in job::requests(&spec) {
-            let batch = noise(request.seed, request.count as usize, dim, device)?;
+            let batch = noise(request.seed, request.count as usize, dim, self.device)?;
             pixels.extend(replica.sample(&batch)?);
         }
         let SwdScore { levels, mean } = reference.score(&pixels, spec.quality.generated as usize)?;
-        scored.push(Scored {
+        Ok(Scored {
             checkpoint: path.display().to_string(),
             step: found.state.step,
             swd: mean,
             swd_levels: levels,
             held_out: split.held_out.len(),
             generated: spec.quality.generated,
-        });
+        })
     }
-    Ok(scored)
 }

@@ -55,6 +55,8 @@ pub struct ProgressView {
 pub struct Console {
     bar: ProgressBar,
     mode: ProgressMode,
+    /// `--progress bar` was asked for where stderr is no terminal, so lines are shown.
+    no_terminal_for_bar: bool,
     /// Seconds between `progress` lines in lines mode.
     every: Duration,
 }
@@ -69,14 +71,22 @@ impl Default for Console {
 impl Console {
     /// `Auto` is decided here, from whether stderr is a terminal.
     pub fn new(mode: ProgressMode, every: Duration) -> Console {
+        let terminal = std::io::stderr().is_terminal();
+        // A bar is only drawn on a terminal; elsewhere it would show nothing at all.
+        let no_terminal_for_bar = mode == ProgressMode::Bar && !terminal;
         let mode = match mode {
-            ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
-            ProgressMode::Auto => ProgressMode::Lines,
+            ProgressMode::Auto | ProgressMode::Bar if terminal => ProgressMode::Bar,
+            ProgressMode::Auto | ProgressMode::Bar => ProgressMode::Lines,
             other => other,
         };
         // Hidden until training starts: the joins and the dataset summary come first.
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
-        Console { bar, mode, every }
+        Console {
+            bar,
+            mode,
+            every,
+            no_terminal_for_bar,
+        }
     }
 
     pub fn mode(&self) -> ProgressMode {
@@ -85,6 +95,9 @@ impl Console {
 
     /// A progress display for a run of `steps_total` steps that starts at `step`.
     pub fn start(&self, step: u64, steps_total: u64) -> Progress {
+        if self.no_terminal_for_bar {
+            tracing::warn!("--progress bar: stderr is not a terminal, so progress is shown as lines");
+        }
         if self.mode == ProgressMode::Bar {
             let style = ProgressStyle::with_template(
                 "{spinner:.green} step {pos}/{len} [{bar:30.cyan/blue}] {percent:>3}% {msg}",
@@ -298,17 +311,14 @@ mod tests {
     }
 
     #[test]
-    fn a_forced_mode_is_kept_and_auto_is_decided() {
-        assert_eq!(
-            Console::new(ProgressMode::Bar, Duration::from_secs(1)).mode(),
-            ProgressMode::Bar
-        );
+    fn lines_and_off_are_kept_and_a_bar_needs_a_terminal() {
+        let mode = |asked| Console::new(asked, Duration::from_secs(1)).mode();
+        assert_eq!(mode(ProgressMode::Lines), ProgressMode::Lines);
+        assert_eq!(mode(ProgressMode::Off), ProgressMode::Off);
         // Test runs capture stderr, so it is no terminal.
         if !std::io::stderr().is_terminal() {
-            assert_eq!(
-                Console::new(ProgressMode::Auto, Duration::from_secs(1)).mode(),
-                ProgressMode::Lines
-            );
+            assert_eq!(mode(ProgressMode::Auto), ProgressMode::Lines);
+            assert_eq!(mode(ProgressMode::Bar), ProgressMode::Lines);
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Monitor {
     steps_total: u64,
     plot_path: PathBuf,
     title: String,
+    /// Whether the run scores at checkpoints (it holds images out).
+    scored: bool,
     /// When the previous step completed: rates and ETA count the time between steps, so
     /// checkpoints, scores and pauses are in them.
     last_step_at: Option<Instant>,
@@ -58,6 +60,7 @@ impl Monitor {
         tensorboard: Option<EventWriter>,
         run: &RunDir,
         steps_total: u64,
+        scored: bool,
         (losses, scores): (Vec<LossPoint>, Vec<ScorePoint>),
     ) -> Monitor {
         Monitor {
@@ -70,12 +73,14 @@ impl Monitor {
             steps_total,
             plot_path: run.plot(),
             title: run.root().display().to_string(),
+            scored,
             last_step_at: None,
         }
     }
 
-    pub fn board(&self) -> &StatusBoard {
-        &self.board
+    /// Whether a score for `step` is in the run's history.
+    pub fn has_score(&self, step: u64) -> bool {
+        self.scores.iter().any(|s| s.step == step)
     }
 
     pub fn phase(&self, phase: &str) {
@@ -182,7 +187,12 @@ impl Monitor {
 
     /// At a checkpoint: the training plot is redrawn and the event file made durable.
     pub fn checkpointed(&mut self) {
-        let drawn = plot::render_training_plot(&self.losses, &self.scores, &self.title)
+        let note = if self.scored {
+            plot::SCORES_TO_COME
+        } else {
+            plot::NOT_SCORED
+        };
+        let drawn = plot::render_training_plot_noting(&self.losses, &self.scores, &self.title, note)
             .map_err(|e| e.to_string())
             .and_then(|image| forger_common::grid::save_png(&self.plot_path, &image).map_err(|e| e.to_string()));
         if let Err(e) = drawn {

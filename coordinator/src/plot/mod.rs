@@ -65,9 +65,24 @@ const SWD_COLOR: RGBColor = RGBColor(40, 150, 60);
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 
+/// The score panel's note for a run that scores but has no score yet.
+pub const SCORES_TO_COME: &str = "no SWD scores yet: one is measured at each checkpoint";
+/// The score panel's note for a run that holds no images out, so never scores.
+pub const NOT_SCORED: &str = "no SWD score: this run holds no images out ([quality] held_out, or a small dataset)";
+
 /// Draws the plot. Any input is drawn, none or one point included; non-finite values are
 /// left out.
 pub fn render_training_plot(losses: &[LossPoint], scores: &[ScorePoint], title: &str) -> Result<RgbImage> {
+    render_training_plot_noting(losses, scores, title, SCORES_TO_COME)
+}
+
+/// [`render_training_plot`], with `no_scores` shown in the score panel while there are none.
+pub fn render_training_plot_noting(
+    losses: &[LossPoint],
+    scores: &[ScorePoint],
+    title: &str,
+    no_scores: &str,
+) -> Result<RgbImage> {
     let mut buffer = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buffer, (WIDTH, HEIGHT)).into_drawing_area();
@@ -81,7 +96,7 @@ pub fn render_training_plot(losses: &[LossPoint], scores: &[ScorePoint], title: 
             None => axis::step_range(0, 0),
         };
         losses::draw(&top, losses, &x)?;
-        scores::draw(&bottom, scores, &x)?;
+        scores::draw(&bottom, scores, &x, no_scores)?;
         root.present().map_err(drawing)?;
     }
     RgbImage::from_raw(WIDTH, HEIGHT, buffer)

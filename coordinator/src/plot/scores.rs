@@ -12,7 +12,8 @@ use crate::error::Result;
 const MAX_MARKERS: usize = 300;
 const BEST_RING: RGBColor = RGBColor(20, 90, 35);
 
-pub(super) fn draw(area: &Area<'_>, scores: &[ScorePoint], x: &Range<f64>) -> Result<()> {
+/// `no_scores`: the note shown while there are none.
+pub(super) fn draw(area: &Area<'_>, scores: &[ScorePoint], x: &Range<f64>, no_scores: &str) -> Result<()> {
     let mut points: Vec<(f64, f64)> = scores
         .iter()
         .filter(|p| p.swd.is_finite())
@@ -21,7 +22,7 @@ pub(super) fn draw(area: &Area<'_>, scores: &[ScorePoint], x: &Range<f64>) -> Re
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
     let Some(extent) = finite_extent(points.iter().map(|p| p.1)) else {
         let message = if scores.is_empty() {
-            "no SWD scores yet: one is measured at each checkpoint"
+            no_scores
         } else {
             "no finite SWD scores yet"
         };

@@ -25,6 +25,8 @@ const MAX_BODY_BYTES: usize = 16 << 20;
 /// What `forger-coordinator status` prints: the raw JSON with `json`, else [`render`]'s text.
 pub async fn status_command(url: &str, json: bool, timeout: Duration) -> Result<String> {
     let body = fetch_status_json(url, timeout).await?;
+    // Checked even for --json, so that a page that is not forger's is refused either way.
+    let snapshot = parse_status(url, &body)?;
     if json {
         let mut text = String::from_utf8(body.to_vec()).map_err(|_| CoordinatorError::StatusMalformed {
             url: url.to_owned(),
@@ -36,7 +38,6 @@ pub async fn status_command(url: &str, json: bool, timeout: Duration) -> Result<
         }
         return Ok(text);
     }
-    let snapshot = parse_status(url, &body)?;
     Ok(render(&snapshot))
 }
 

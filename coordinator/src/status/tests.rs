@@ -383,12 +383,15 @@ async fn status_client_says_what_went_wrong() {
     let other = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let other_address = other.local_addr().expect("address");
     let fake = tokio::spawn(async move {
-        let (mut first, _) = other.accept().await.expect("accept");
-        let mut request = [0u8; 1024];
-        let _ = first.read(&mut request).await.expect("read");
-        let body = r#"{"phase": "training"}"#;
-        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        first.write_all(answer.as_bytes()).await.expect("write");
+        // Twice the same JSON: for the summary, then for --json, which must not pass it on.
+        for _ in 0..2 {
+            let (mut first, _) = other.accept().await.expect("accept");
+            let mut request = [0u8; 1024];
+            let _ = first.read(&mut request).await.expect("read");
+            let body = r#"{"phase": "training"}"#;
+            let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            first.write_all(answer.as_bytes()).await.expect("write");
+        }
         let (silent, _) = other.accept().await.expect("accept");
         // Held open, unanswered, until the client gives up.
         let mut silent = silent;
@@ -399,6 +402,10 @@ async fn status_client_says_what_went_wrong() {
         .expect_err("malformed");
     assert!(matches!(error, CoordinatorError::StatusMalformed { .. }), "{error}");
     assert!(error.to_string().contains("missing field `job`"), "{error}");
+    let error = client::status_command(&format!("http://{other_address}"), true, DEFAULT_TIMEOUT)
+        .await
+        .expect_err("--json refuses what is not a status too");
+    assert!(matches!(error, CoordinatorError::StatusMalformed { .. }), "{error}");
     let error = client::fetch_status(&format!("http://{other_address}"), Duration::from_millis(300))
         .await
         .expect_err("timed out");
