@@ -4,7 +4,8 @@
 # steps and seed, and prints each run's scores (sliced Wasserstein distance against the 512
 # held-out faces, lower is better) at every checkpoint. docs/QUALITY.md records a run of it.
 # Usage: scripts/quality-study.sh [OUT_DIR]   (FORGER_STUDY_STEPS, FORGER_STUDY_DROPOUTS,
-#        FORGER_STUDY_PARALLEL: runs at once, default 2; FORGER_STUDY_DATA: the faces)
+#        FORGER_STUDY_SEED (0), FORGER_STUDY_PARALLEL: runs at once, default 2;
+#        FORGER_STUDY_DATA: the faces)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -13,6 +14,7 @@ out="$(realpath -m "${1:-runs/quality-study-$(date +%Y%m%d-%H%M%S)}")"
 steps="${FORGER_STUDY_STEPS:-3000}"
 dropouts="${FORGER_STUDY_DROPOUTS:-0.0 0.3 0.6}"
 parallel="${FORGER_STUDY_PARALLEL:-2}"
+seed="${FORGER_STUDY_SEED:-0}"
 data="$(realpath "${FORGER_STUDY_DATA:-../shared/data/faces}")"
 bin="${CARGO_TARGET_DIR:-target}/release"
 [ -x "$bin/forger-coordinator" ] || bash scripts/setup.sh
@@ -32,7 +34,7 @@ dropout = $1
 [train]
 steps = $steps
 batch_size = 16
-seed = 0
+seed = $seed
 [cluster]
 workers = 1
 [checkpoint]
