@@ -228,7 +228,7 @@ fn a_service_port_other_than_the_one_workers_dial_is_reported() {
 fn a_listen_port_that_the_service_and_container_do_not_forward_is_reported() {
     let files = k8s_files_with(
         "coordinator-statefulset.yaml",
-        &[("value: \"0.0.0.0:50051\"", "value: \"0.0.0.0:50052\"")],
+        &[("value: \"0.0.0.0:50051\"", "value: \"0.0.0.0:50061\"")],
     );
     let problems = k8s_problems(&files);
     expect_problem(
@@ -236,14 +236,14 @@ fn a_listen_port_that_the_service_and_container_do_not_forward_is_reported() {
         "deploy/k8s/coordinator-service.yaml",
         "Service/forger-coordinator",
         "spec.ports[grpc].targetPort",
-        "forwards to port 50051, but the coordinator listens on 50052",
+        "forwards to port 50051, but the coordinator listens on 50061",
     );
     expect_problem(
         &problems,
         "deploy/k8s/coordinator-statefulset.yaml",
         "StatefulSet/forger-coordinator",
         "spec.template.spec.containers[coordinator].ports",
-        "listens on port 50052",
+        "listens on port 50061",
     );
 }
 
@@ -535,7 +535,7 @@ fn a_listen_port_other_than_the_published_one_is_reported() {
     let files = compose_files_with(
         false,
         COMPOSE,
-        &[("FORGER_LISTEN: 0.0.0.0:50051", "FORGER_LISTEN: 0.0.0.0:50052")],
+        &[("FORGER_LISTEN: 0.0.0.0:50051", "FORGER_LISTEN: 0.0.0.0:50061")],
     );
     let problems = compose_problems(&files, false);
     expect_problem(
@@ -543,14 +543,31 @@ fn a_listen_port_other_than_the_published_one_is_reported() {
         COMPOSE,
         "services.coordinator",
         "ports",
-        "the coordinator listens on port 50052 (environment[FORGER_LISTEN]) but the container declares 50051",
+        "the coordinator listens on port 50061 (environment[FORGER_LISTEN]) but the container declares 50051, 50052",
     );
     expect_problem(
         &problems,
         COMPOSE,
         "services.worker-3",
         "environment[FORGER_COORDINATOR]",
-        "dials port 50051, but services.coordinator serves port 50052",
+        "dials port 50051, but services.coordinator serves port 50061",
+    );
+}
+
+#[test]
+fn a_status_page_on_the_workers_port_is_reported() {
+    let files = compose_files_with(
+        false,
+        COMPOSE,
+        &[("FORGER_STATUS_ADDR: 0.0.0.0:50052", "FORGER_STATUS_ADDR: 0.0.0.0:50051")],
+    );
+    let problems = compose_problems(&files, false);
+    expect_problem(
+        &problems,
+        COMPOSE,
+        "services.coordinator",
+        "environment[FORGER_STATUS_ADDR]",
+        "puts the status page on port 50051, where the coordinator listens for workers",
     );
 }
 

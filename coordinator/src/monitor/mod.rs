@@ -63,6 +63,10 @@ impl Monitor {
         scored: bool,
         (losses, scores): (Vec<LossPoint>, Vec<ScorePoint>),
     ) -> Monitor {
+        board.restore_losses(losses.iter().map(|p| (p.step, p.loss_d, p.loss_g)));
+        for score in &scores {
+            board.quality(score.step, score.swd);
+        }
         Monitor {
             console,
             progress: None,

@@ -130,6 +130,15 @@ impl StatusBoard {
         state.latest = Some(point);
     }
 
+    /// A resumed run's earlier losses, so the curves start at step 1 rather than at the resume;
+    /// they take no part in the rates, which describe this start.
+    pub fn restore_losses(&self, steps: impl IntoIterator<Item = (u64, f64, f64)>) {
+        let mut state = self.lock();
+        for (step, loss_d, loss_g) in steps {
+            state.history.push(step, loss_d, loss_g);
+        }
+    }
+
     /// Replaces the worker table.
     pub fn set_workers(&self, rows: Vec<WorkerRow>) {
         let mut state = self.lock();
@@ -284,6 +293,17 @@ mod tests {
         board.step_completed(point(1000, 0.5));
         assert_eq!(board.snapshot().eta_secs, Some(0.0));
         assert_eq!(board.snapshot().progress, 1.0);
+    }
+
+    #[test]
+    fn status_board_restores_a_resumed_runs_curves_without_counting_them_in_the_rates() {
+        let board = StatusBoard::new(job());
+        board.restore_losses((1..=100).map(|step| (step, 0.7, 0.9)));
+        let snapshot = board.snapshot();
+        assert_eq!(snapshot.history.step.first(), Some(&1));
+        assert_eq!(snapshot.history.step.last(), Some(&100));
+        assert_eq!(snapshot.steps_per_sec, None);
+        assert!(snapshot.latest.is_none());
     }
 
     #[test]

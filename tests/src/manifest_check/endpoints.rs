@@ -23,6 +23,17 @@ pub fn check_listen(coordinator: &Container) -> (Option<u16>, Vec<Problem>) {
         return unread(listen.at, format!("`{}` has no valid port", listen.value));
     };
     let mut problems = Vec::new();
+    if let Some(status) = coordinator.setting("--status-addr", "FORGER_STATUS_ADDR")
+        && status.value.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()) == Some(port)
+    {
+        problems.push(Problem::new(
+            status.at,
+            format!(
+                "`{}` puts the status page on port {port}, where the coordinator listens for workers ({})",
+                status.value, listen.at.field
+            ),
+        ));
+    }
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host == "localhost" || host == "::1" || host.starts_with("127.") {
         problems.push(Problem::new(
