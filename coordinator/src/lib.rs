@@ -20,6 +20,7 @@ pub mod credentials;
 mod data_link;
 pub use forger_common::dataset;
 mod error;
+pub mod format;
 mod listener;
 pub mod local;
 pub mod monitor;

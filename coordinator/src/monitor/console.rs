@@ -11,6 +11,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tracing::info;
 use tracing_subscriber::fmt::MakeWriter;
 
+use crate::format::duration;
+
 /// How progress is shown; `Auto` is a bar on a terminal and lines otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ProgressMode {
@@ -139,7 +141,7 @@ impl Progress {
                         steps = view.steps_total,
                         steps_per_sec = view.steps_per_sec.map(round2),
                         images_per_sec = view.images_per_sec.map(round2),
-                        eta = view.eta_secs.map(format_duration),
+                        eta = view.eta_secs.map(duration),
                         loss_d = round4(view.loss_d),
                         loss_g = round4(view.loss_g),
                         trained = trained(view),
@@ -167,7 +169,7 @@ pub fn summary(view: &ProgressView) -> String {
         "{} {} ETA {} loss_d {:.4} loss_g {:.4} trained {} workers {}",
         rate(view.steps_per_sec, "steps/s"),
         rate(view.images_per_sec, "img/s"),
-        view.eta_secs.map_or("-".to_string(), format_duration),
+        view.eta_secs.map_or("-".to_string(), duration),
         view.loss_d,
         view.loss_g,
         trained(view),
@@ -183,19 +185,6 @@ fn trained(view: &ProgressView) -> &'static str {
         (true, false) => "D",
         (false, true) => "G",
         (false, false) => "none",
-    }
-}
-
-/// `1h02m03s`, `4m05s`, `6s`.
-pub fn format_duration(secs: f64) -> String {
-    let total = secs.max(0.0).round() as u64;
-    let (h, m, s) = (total / 3600, total / 60 % 60, total % 60);
-    if h > 0 {
-        format!("{h}h{m:02}m{s:02}s")
-    } else if m > 0 {
-        format!("{m}m{s:02}s")
-    } else {
-        format!("{s}s")
     }
 }
 
@@ -273,7 +262,7 @@ mod tests {
     fn the_summary_names_rates_eta_losses_what_trained_and_workers() {
         assert_eq!(
             summary(&view()),
-            "2.50 steps/s 80.00 img/s ETA 5m00s loss_d 1.2346 loss_g 0.5000 trained D workers 2"
+            "2.50 steps/s 80.00 img/s ETA 5m 00s loss_d 1.2346 loss_g 0.5000 trained D workers 2"
         );
         let early = ProgressView {
             steps_per_sec: None,
@@ -288,14 +277,6 @@ mod tests {
             summary(&early)
         );
         assert!(summary(&early).contains("trained D+G"));
-    }
-
-    #[test]
-    fn durations_read_as_hours_minutes_seconds() {
-        assert_eq!(format_duration(5.4), "5s");
-        assert_eq!(format_duration(65.0), "1m05s");
-        assert_eq!(format_duration(3723.0), "1h02m03s");
-        assert_eq!(format_duration(-3.0), "0s");
     }
 
     #[test]

@@ -75,15 +75,7 @@ pub(super) fn step_range(first: u64, last: u64) -> Range<f64> {
 
 /// A step count with thousands grouped: 60,000.
 pub(super) fn format_step(step: u64) -> String {
-    let digits = step.to_string();
-    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            grouped.push(',');
-        }
-        grouped.push(digit);
-    }
-    grouped
+    crate::format::thousands(step)
 }
 
 /// A tick label for a step axis; ticks are whole numbers (see [`ticks`]).

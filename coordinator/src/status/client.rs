@@ -15,6 +15,7 @@ use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 
 use super::snapshot::StatusSnapshot;
+use crate::format::{duration, thousands};
 use crate::{CoordinatorError, Result};
 
 /// How long the whole fetch may take by default.
@@ -296,34 +297,6 @@ fn loss(value: Option<f64>) -> String {
 fn bar(fraction: f64, width: usize) -> String {
     let filled = ((fraction.clamp(0.0, 1.0) * width as f64).round() as usize).min(width);
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
-}
-
-/// 60000 as "60,000".
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Seconds as "2d 3h", "3h 05m", "4m 09s" or "12s".
-fn duration(secs: f64) -> String {
-    if !secs.is_finite() || secs < 0.0 {
-        return "unknown".to_owned();
-    }
-    let s = secs.round() as u64;
-    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}m {s:02}s"),
-        (0, _, _) => format!("{h}h {m:02}m"),
-        _ => format!("{d}d {h}h"),
-    }
 }
 
 /// Shards as ranges: [0, 1, 2, 5] as "0-2,5".
