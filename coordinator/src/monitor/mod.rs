@@ -125,13 +125,13 @@ impl Monitor {
             train_g: record.train_g,
         });
         if let Some(progress) = &mut self.progress {
-            let snapshot = self.board.snapshot();
+            let (steps_per_sec, images_per_sec, eta_secs) = self.board.rates();
             progress.update(&ProgressView {
                 step: record.step,
                 steps_total: self.steps_total,
-                steps_per_sec: snapshot.steps_per_sec,
-                images_per_sec: snapshot.images_per_sec,
-                eta_secs: snapshot.eta_secs,
+                steps_per_sec,
+                images_per_sec,
+                eta_secs,
                 loss_d: record.loss_d,
                 loss_g: record.loss_g,
                 train_d: record.train_d,

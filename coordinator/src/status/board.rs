@@ -167,20 +167,27 @@ impl StatusBoard {
         state.quality.push(QualityPoint { step, swd: finite(swd) });
     }
 
+    /// Steps/s, images/s and the ETA in seconds, as the snapshot has them, without copying
+    /// the history: the console asks after every step.
+    pub fn rates(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
+        let state = self.lock();
+        let (step, steps_total) = state.progress();
+        let rates = state.rates.rates();
+        (
+            rates.map(|r| r.steps_per_sec).and_then(finite),
+            rates.map(|r| r.images_per_sec).and_then(finite),
+            eta(steps_total.saturating_sub(step), rates.map(|r| r.steps_per_sec)),
+        )
+    }
+
     pub fn snapshot(&self) -> StatusSnapshot {
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         let state = self.lock();
-        let step = state.latest.as_ref().map_or(state.job.resumed_from, |p| p.step);
-        let steps_total = state.job.steps_total;
+        let (step, steps_total) = state.progress();
         let rates = state.rates.rates();
-        let remaining = steps_total.saturating_sub(step);
-        let eta_secs = if remaining == 0 {
-            Some(0.0)
-        } else {
-            rates.map(|r| remaining as f64 / r.steps_per_sec).and_then(finite)
-        };
+        let eta_secs = eta(steps_total.saturating_sub(step), rates.map(|r| r.steps_per_sec));
         let aged = state.workers_at.elapsed().as_secs_f64();
         let workers: Vec<WorkerRow> = state
             .workers
@@ -222,6 +229,23 @@ impl StatusBoard {
             quality: state.quality.clone(),
             history: state.history.curves(),
         }
+    }
+}
+
+impl State {
+    /// Steps done (the resumed-from step before the first) and the run's total.
+    fn progress(&self) -> (u64, u64) {
+        let step = self.latest.as_ref().map_or(self.job.resumed_from, |p| p.step);
+        (step, self.job.steps_total)
+    }
+}
+
+/// Seconds to do `remaining` steps at `steps_per_sec`; 0 once none remain.
+fn eta(remaining: u64, steps_per_sec: Option<f64>) -> Option<f64> {
+    if remaining == 0 {
+        Some(0.0)
+    } else {
+        steps_per_sec.map(|rate| remaining as f64 / rate).and_then(finite)
     }
 }
 
@@ -289,6 +313,8 @@ mod tests {
         assert_eq!((latest.step, latest.train_g, latest.loss_g), (300, true, Some(2.0)));
         assert_eq!(snap.history.step.len(), 100);
         assert_eq!(snap.history.step.last(), Some(&300));
+        // The console's light view says the same.
+        assert_eq!(board.rates(), (Some(2.0), Some(512.0), Some(350.0)));
         // Done: no time left, whatever the rate.
         board.step_completed(point(1000, 0.5));
         assert_eq!(board.snapshot().eta_secs, Some(0.0));
