@@ -28,12 +28,8 @@ impl QualityProbe {
         if held_out.is_empty() {
             return Ok(None);
         }
-        let mut pixels = Vec::with_capacity(held_out.len() * dataset.image_bytes());
-        for &index in held_out {
-            pixels.extend_from_slice(dataset.image(index as usize));
-        }
         Ok(Some(QualityProbe {
-            reference: job::reference(spec, &pixels)?,
+            reference: job::reference(spec, &dataset.gather(held_out))?,
             requests: job::requests(spec),
             generated: spec.quality.generated,
             held_out: held_out.len(),

@@ -219,10 +219,7 @@ fn async_stream_of_chunks(
     let chunks = shard_len.div_ceil(per_chunk);
     futures::stream::iter(0..chunks).map(move |c| {
         let indices = &job.shards[shard][c * per_chunk..((c + 1) * per_chunk).min(shard_len)];
-        let mut pixels = Vec::with_capacity(indices.len() * job.dataset.image_bytes());
-        for &i in indices {
-            pixels.extend_from_slice(job.dataset.image(i as usize));
-        }
+        let pixels = job.dataset.gather(indices);
         Ok(pb::ShardChunk {
             indices: indices.to_vec(),
             image_size: job.dataset.image_size,

@@ -20,14 +20,12 @@ use crate::dataset::{self, PreparedDataset};
 use crate::error::{CoordinatorError, Result};
 use crate::listener;
 use crate::local::{LocalCluster, LocalWorkers};
-use crate::monitor::{Monitor, Monitoring, read_history};
+use crate::monitor::Monitoring;
 use crate::peers::Peers;
 use crate::quality::QualityProbe;
 use crate::registry::{Job, Registry};
 use crate::run_dir::{EventLog, MetricsLog, RunDir};
 use crate::service::CoordinatorService;
-use crate::status::{JobInfo, StatusBoard};
-use crate::tensorboard::EventWriter;
 use crate::trainer::{RunLogs, RunSummary, Trainer};
 
 /// Everything `serve` needs besides the socket.
@@ -193,8 +191,6 @@ pub async fn serve(
     // A fresh start (allowed only with no checkpoints) begins a new log: lines left by a run
     // that never checkpointed belong to nothing that can be resumed.
     let metrics = MetricsLog::open(&run.metrics(), Some(state.step))?;
-    let plotted = read_history(&run.metrics())
-        .map_err(|e| CoordinatorError::io(format!("failed to read {}", run.metrics().display()), e))?;
     let mut history = EventLog::open(&run.events())?;
     history.record(
         state.step,
@@ -255,55 +251,7 @@ pub async fn serve(
         Duration::from_secs(spec.cluster.heartbeat_timeout_secs),
         stop,
     );
-    let board = StatusBoard::new(JobInfo {
-        run_dir: run.root().display().to_string(),
-        steps_total: spec.train.steps,
-        batch_size: spec.train.batch_size,
-        shards: spec.cluster.workers,
-        started_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64()),
-        resumed_from,
-    });
-    board.set_phase("waiting for workers");
-    let (status_stop, status_stopped) = oneshot::channel::<()>();
-    let status_server = match monitoring.status {
-        Some(listener) => {
-            if let Ok(address) = listener.local_addr() {
-                info!(url = %format!("http://{address}/"), "status page");
-            }
-            let stopped = async {
-                let _ = status_stopped.await;
-            };
-            Some(tokio::spawn(crate::status::serve_status(
-                listener,
-                board.clone(),
-                stopped,
-            )))
-        }
-        None => None,
-    };
-    let tensorboard = if monitoring.tensorboard {
-        match EventWriter::create(&run.tensorboard()) {
-            Ok(writer) => Some(writer),
-            Err(e) => {
-                warn!(error = %e, "could not start a TensorBoard event file; the run goes on without one");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let scored = quality.is_some();
-    let monitor = Monitor::new(
-        monitoring.console,
-        board,
-        tensorboard,
-        &run,
-        spec.train.steps,
-        scored,
-        plotted,
-    );
+    let (monitor, status_server) = crate::monitor::start(monitoring, &run, &spec, resumed_from, quality.is_some())?;
     let logs = RunLogs {
         metrics,
         events: history,
@@ -351,9 +299,8 @@ pub async fn serve(
             Err(_) => cluster.wait_or_kill(STOPPED_EXIT_TIMEOUT).await,
         }
     }
-    let _ = status_stop.send(());
     if let Some(server) = status_server {
-        server.abort();
+        server.stop(SERVER_DRAIN_TIMEOUT).await;
     }
     // Graceful shutdown waits for clients to hang up; a worker that never does must not hold
     // the coordinator open, so the wait is bounded.

@@ -1063,23 +1063,7 @@ impl Trainer {
         let Some(probe) = self.quality.take() else {
             return Ok(());
         };
-        let started = Instant::now();
-        let drawn = self.draw_images(step, probe.requests()).await;
-        let scored = drawn.and_then(|pixels| {
-            pixels
-                .map(|pixels| tokio::task::block_in_place(|| probe.score(&pixels)))
-                .transpose()
-        });
-        let record = scored.map(|score| {
-            score.map(|score| QualityRecord {
-                step,
-                swd: score.mean,
-                swd_levels: score.levels,
-                held_out: probe.held_out(),
-                generated: probe.generated(),
-                seconds: started.elapsed().as_secs_f64(),
-            })
-        });
+        let record = self.score_with(&probe, step).await;
         self.quality = Some(probe);
         let Some(record) = record? else {
             warn!(step, "no worker could draw the images to score; the score is skipped");
@@ -1094,6 +1078,23 @@ impl Trainer {
         self.metrics.append_quality(&record)?;
         self.monitor.scored(&record);
         Ok(())
+    }
+
+    /// The score of the generator as it is, or `None` when no worker could draw the images.
+    async fn score_with(&mut self, probe: &QualityProbe, step: u64) -> Result<Option<QualityRecord>> {
+        let started = Instant::now();
+        let Some(pixels) = self.draw_images(step, probe.requests()).await? else {
+            return Ok(None);
+        };
+        let score = tokio::task::block_in_place(|| probe.score(&pixels))?;
+        Ok(Some(QualityRecord {
+            step,
+            swd: score.mean,
+            swd_levels: score.levels,
+            held_out: probe.held_out(),
+            generated: probe.generated(),
+            seconds: started.elapsed().as_secs_f64(),
+        }))
     }
 
     /// The images of `requests`, drawn by one training worker and concatenated in order. A

@@ -55,10 +55,11 @@ fn the_score_puts_real_faces_far_below_noise_and_an_untrained_generator() {
     let faces = dataset::load(&spec.data.path, 40, 0).unwrap();
     let split = split_for(&spec, faces.len());
     assert_eq!(split.held_out.len(), 512);
-    let gather =
-        |indices: &[u32]| -> Vec<u8> { indices.iter().flat_map(|&i| faces.image(i as usize).to_vec()).collect() };
-    let reference = forger_common::quality::job::reference(&spec, &gather(&split.held_out)).unwrap();
-    let real = reference.score(&gather(&split.training[..512]), 512).unwrap().mean;
+    let reference = forger_common::quality::job::reference(&spec, &faces.gather(&split.held_out)).unwrap();
+    let real = reference
+        .score(&faces.gather(&split.training[..512]), 512)
+        .unwrap()
+        .mean;
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let noise: Vec<u8> = (0..512 * 40 * 40 * 3)
         .map(|_| {

@@ -50,11 +50,7 @@ pub fn run(spec: &JobSpec, steps: u64, device: Device, out: Option<&Path>) -> Re
     }
     let mut stores = Vec::with_capacity(shard_count);
     for (index, shard) in shards.iter().enumerate() {
-        let mut pixels = Vec::with_capacity(shard.len() * prepared.image_bytes());
-        for &i in shard {
-            pixels.extend_from_slice(prepared.image(i as usize));
-        }
-        stores.push(ShardStore::new(index as u32, shard, &pixels, size)?);
+        stores.push(ShardStore::new(index as u32, shard, &prepared.gather(shard), size)?);
     }
     let mut samplers: Vec<BatchSampler> = shards
         .iter()

@@ -69,12 +69,7 @@ impl Scorer {
                 forger_common::spec::MIN_IMAGES_PER_HELD_OUT
             )));
         }
-        let held: Vec<u8> = split
-            .held_out
-            .iter()
-            .flat_map(|&i| images.image(i as usize).iter().copied())
-            .collect();
-        let reference = job::reference(&spec, &held)?;
+        let reference = job::reference(&spec, &images.gather(&split.held_out))?;
         let mut replica = Replica::new(&spec.model, spec.data.image_size as usize, self.device)?;
         replica.set_params(Net::Generator, &found.state.generator.params)?;
         replica.set_batch_norm_running(&found.state.batch_norm)?;

@@ -46,6 +46,15 @@ impl PreparedDataset {
         let n = self.image_bytes();
         &self.pixels[index * n..(index + 1) * n]
     }
+
+    /// The images at `indices`, one after another: a shard, or the held-out set.
+    pub fn gather(&self, indices: &[u32]) -> Vec<u8> {
+        let mut pixels = Vec::with_capacity(indices.len() * self.image_bytes());
+        for &i in indices {
+            pixels.extend_from_slice(self.image(i as usize));
+        }
+        pixels
+    }
 }
 
 /// Loads the dataset, decoding on every core straight into one buffer of the final size (each

@@ -9,13 +9,17 @@ mod history;
 mod worker_times;
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tracing::warn;
+use forger_common::spec::JobSpec;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
+use crate::error::{CoordinatorError, Result};
 use crate::plot::{self, LossPoint, ScorePoint};
 use crate::run_dir::{QualityRecord, RunDir, StepRecord};
-use crate::status::{StatusBoard, StepPoint, WorkerRow};
+use crate::status::{JobInfo, StatusBoard, StepPoint, WorkerRow};
 use crate::tensorboard::EventWriter;
 pub use console::{Console, ProgressMode};
 use console::{Progress, ProgressView};
@@ -30,6 +34,79 @@ pub struct Monitoring {
     pub status: Option<tokio::net::TcpListener>,
     /// Also write TensorBoard event files to RUN_DIR/tensorboard.
     pub tensorboard: bool,
+}
+
+/// The status page's server, running beside the trainer until [`StatusServer::stop`].
+#[derive(Debug)]
+pub struct StatusServer {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl StatusServer {
+    /// Asks the server to close its connections, and ends it after `within` if they linger.
+    pub async fn stop(self, within: Duration) {
+        let _ = self.stop.send(());
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(within, self.task).await.is_err() {
+            abort.abort();
+        }
+    }
+}
+
+/// Everything that shows the run of `spec` in `run`, which starts (or resumed) at
+/// `resumed_from`: the status board and its page, TensorBoard's event file, and the plot's
+/// history so far from the run's metrics log. `scored`: whether the run scores checkpoints.
+pub fn start(
+    monitoring: Monitoring,
+    run: &RunDir,
+    spec: &JobSpec,
+    resumed_from: u64,
+    scored: bool,
+) -> Result<(Monitor, Option<StatusServer>)> {
+    let history = read_history(&run.metrics())
+        .map_err(|e| CoordinatorError::io(format!("failed to read {}", run.metrics().display()), e))?;
+    let board = StatusBoard::new(JobInfo {
+        run_dir: run.root().display().to_string(),
+        steps_total: spec.train.steps,
+        batch_size: spec.train.batch_size,
+        shards: spec.cluster.workers,
+        started_at_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        resumed_from,
+    });
+    board.set_phase("waiting for workers");
+    let server = monitoring.status.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            info!(url = %format!("http://{address}/"), "status page");
+        }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        StatusServer {
+            stop,
+            task: tokio::spawn(crate::status::serve_status(listener, board.clone(), stopped)),
+        }
+    });
+    let tensorboard = if monitoring.tensorboard {
+        EventWriter::create(&run.tensorboard())
+            .inspect_err(|e| warn!(error = %e, "could not start a TensorBoard event file; the run goes on without one"))
+            .ok()
+    } else {
+        None
+    };
+    let monitor = Monitor::new(
+        monitoring.console,
+        board,
+        tensorboard,
+        run,
+        spec.train.steps,
+        scored,
+        history,
+    );
+    Ok((monitor, server))
 }
 
 /// The trainer's handle on every display of the run.
@@ -196,9 +273,9 @@ impl Monitor {
         } else {
             plot::NOT_SCORED
         };
-        let drawn = plot::render_training_plot_noting(&self.losses, &self.scores, &self.title, note)
-            .map_err(|e| e.to_string())
-            .and_then(|image| forger_common::grid::save_png(&self.plot_path, &image).map_err(|e| e.to_string()));
+        let drawn = tokio::task::block_in_place(|| {
+            plot::save_training_plot(&self.plot_path, &self.losses, &self.scores, &self.title, note)
+        });
         if let Err(e) = drawn {
             warn!(path = %self.plot_path.display(), error = %e, "could not draw the training plot");
         }

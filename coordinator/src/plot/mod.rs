@@ -103,9 +103,16 @@ pub fn render_training_plot_noting(
         .ok_or_else(|| CoordinatorError::Plot("the pixel buffer does not match the plot size".to_string()))
 }
 
-/// Draws the plot and writes it as a PNG, atomically (a reader never sees half a file).
-pub fn save_training_plot(path: &Path, losses: &[LossPoint], scores: &[ScorePoint], title: &str) -> Result<()> {
-    let image = render_training_plot(losses, scores, title)?;
+/// Draws the plot ([`render_training_plot_noting`]) and writes it as a PNG, atomically (a
+/// reader never sees half a file).
+pub fn save_training_plot(
+    path: &Path,
+    losses: &[LossPoint],
+    scores: &[ScorePoint],
+    title: &str,
+    no_scores: &str,
+) -> Result<()> {
+    let image = render_training_plot_noting(losses, scores, title, no_scores)?;
     forger_common::grid::save_png(path, &image)?;
     Ok(())
 }

@@ -240,7 +240,7 @@ fn saves_a_png_that_reads_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("training.png");
     let (losses, scores) = synthetic(500, 100);
-    save_training_plot(&path, &losses, &scores, "saved").unwrap();
+    save_training_plot(&path, &losses, &scores, "saved", SCORES_TO_COME).unwrap();
     let read = image::open(&path).unwrap().to_rgb8();
     assert_eq!(read, render_training_plot(&losses, &scores, "saved").unwrap());
 }
@@ -292,7 +292,14 @@ fn writes_an_example() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("plot-example.png"));
     let (losses, scores) = realistic(60_000, 2_000);
-    save_training_plot(&path, &losses, &scores, "faces-dcgan (synthetic example)").unwrap();
+    save_training_plot(
+        &path,
+        &losses,
+        &scores,
+        "faces-dcgan (synthetic example)",
+        SCORES_TO_COME,
+    )
+    .unwrap();
 }
 
 /// A loss that swings hard from step to step, as a GAN's does, over a run's checkpoints: no
