@@ -178,7 +178,11 @@ async fn session(config: &WorkerConfig, mut leave: watch::Receiver<bool>) -> Res
     };
     let compute = std::thread::Builder::new()
         .name("forger-compute".into())
-        .spawn(move || compute::run(job, cmd_rx, compute_out))
+        .spawn(move || {
+            // It builds each shard's tensor; the replicas' threads do the parallel work.
+            crate::libtorch_threads::single_threaded();
+            compute::run(job, cmd_rx, compute_out)
+        })
         .map_err(|e| WorkerError::Protocol(format!("failed to start the compute thread: {e}")))?;
 
     let mut held: Vec<u32> = Vec::new();

@@ -12,6 +12,7 @@
 //! - [`compute`]: the thread that drives the replicas and follows the coordinator's steps.
 //! - [`gradient_encoder`]: gradients to wire bytes, bf16 with error feedback when asked.
 //! - [`device`]: `--device` and `--devices` names to libtorch devices.
+//! - [`libtorch_threads`]: only the replica threads run libtorch's parallel operations.
 //! - [`generate`]: faces from a checkpoint: a grid, single images, walks between two draws;
 //!   [`score`]: checkpoints' quality scores.
 //! - [`error`]: the crate's error type.
@@ -24,6 +25,7 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gradient_encoder;
+pub mod libtorch_threads;
 pub mod model;
 pub mod replica;
 pub mod replica_set;

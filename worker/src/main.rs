@@ -302,7 +302,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             "fewer threads than replicas: each replica gets one"
         );
     }
-    tch::set_num_threads(threads as i32);
+    // The replica threads take their shares of `threads`; this one only starts them.
+    forger_worker::libtorch_threads::single_threaded();
     tch::set_num_interop_threads(1);
     let config = WorkerConfig {
         coordinator,

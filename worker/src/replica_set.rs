@@ -65,11 +65,7 @@ impl ReplicaSet {
             let handle = std::thread::Builder::new()
                 .name(format!("forger-replica-{index}"))
                 .spawn(move || {
-                    // libtorch's OpenMP pool size is per thread, set from a process-wide value on
-                    // a thread's first parallel call: touch it first, so that this thread's own
-                    // count is not overwritten later by whatever another replica set meanwhile.
-                    let _ = tch::get_num_threads();
-                    tch::set_num_threads(share as i32);
+                    crate::libtorch_threads::use_threads(share);
                     let replica = match Replica::new(&model, image_size, device) {
                         Ok(replica) => replica,
                         Err(e) => {
