@@ -13,7 +13,7 @@
 #  5. bf16 gradient compression against f32: bytes, the exchange's and training's speed, and
 #     the losses of a longer run (`cluster.gradient_compression`).
 # Settings (environment): FORGER_BENCH_THREADS (total threads, default 2), FORGER_BENCH_ROUNDS
-#   (3: rounds of the throughput comparison, each system in turn),
+#   (5: rounds of the throughput comparison, each system in turn),
 #   FORGER_BENCH_STEPS_SMALL (30), FORGER_BENCH_STEPS_ARTICLE (8), FORGER_BENCH_STEPS_LOSS
 #   (500, the compression section's loss runs), FORGER_BENCH_DATA
 #   (../shared/data/faces), FORGER_BENCH_DEVICE (cpu; `cuda` on a GPU machine, where the DDP
@@ -26,7 +26,7 @@ scripts/setup.sh >&2
 source scripts/env.sh
 bin="${CARGO_TARGET_DIR:-target}/release"
 threads="${FORGER_BENCH_THREADS:-2}"
-rounds="${FORGER_BENCH_ROUNDS:-3}"
+rounds="${FORGER_BENCH_ROUNDS:-5}"
 device="${FORGER_BENCH_DEVICE:-cpu}"
 data="$(realpath "${FORGER_BENCH_DATA:-../shared/data/faces}")"
 all_sections="throughput exchange reduce memory compression"
