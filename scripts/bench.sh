@@ -81,6 +81,16 @@ PY
 median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.4f}')" "$@"; }
 
 ratio() { python3 -c "print(f'{($1 / $2 - 1) * 100:+.1f}%')"; }
+# The median over rounds of each round's own ratio, with their range: a round's runs follow each
+# other, so the machine's slow spells (which last minutes) touch both sides of a ratio alike.
+paired() { # "a1 a2 ..." "b1 b2 ..."
+  python3 - "$1" "$2" <<'PY'
+import statistics, sys
+a, b = (list(map(float, side.split())) for side in sys.argv[1:3])
+r = sorted((x / y - 1) * 100 for x, y in zip(a, b))
+print(f"{statistics.median(r):+.1f}% ({r[0]:+.1f} to {r[-1]:+.1f})")
+PY
+}
 rate() { python3 -c "print(f'{$1 * 16 / $2:.2f}')"; } # shards, seconds per step
 
 out=""
@@ -95,8 +105,9 @@ if [[ " $sections " == *" throughput "* ]]; then
   add ""
   add "Batch 16 per worker, dropout 0, $threads libtorch threads in total in every column. Each figure is the"
   add "median over $rounds rounds, taken in turn (single process, forger, DDP, then again), of a run's median"
-  add "step time, its first step left out. forger runs --insecure here, as DDP's gloo has no encryption;"
-  add "the exchange table below measures what TLS adds."
+  add "step time, its first step left out. The two last columns are the median of each round's own"
+  add "ratio, with the range over the rounds. forger runs --insecure here, as DDP's gloo has no"
+  add "encryption; the exchange table below measures what TLS adds."
   add ""
   add "| model | workers x threads | single process s/step | forger s/step | DDP s/step | forger images/s | DDP images/s | forger vs single process | forger vs DDP (time) |"
   add "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -123,11 +134,11 @@ if [[ " $sections " == *" throughput "* ]]; then
       single=$(median "${singles[@]}"); forger=$(median "${forgers[@]}")
       if [ "$device" = cpu ]; then
         ddp=$(median "${ddps[@]}")
-        ddp_rate=$(rate "$workers" "$ddp"); vs_ddp=$(ratio "$forger" "$ddp")
+        ddp_rate=$(rate "$workers" "$ddp"); vs_ddp=$(paired "${forgers[*]}" "${ddps[*]}")
       else
         ddp="n/a"; ddp_rate="n/a"; vs_ddp="n/a"
       fi
-      add "| $model | $workers x $per_worker | $single | $forger | $ddp | $(rate "$workers" "$forger") | $ddp_rate | $(ratio "$forger" "$single") | $vs_ddp |"
+      add "| $model | $workers x $per_worker | $single | $forger | $ddp | $(rate "$workers" "$forger") | $ddp_rate | $(paired "${forgers[*]}" "${singles[*]}") | $vs_ddp |"
       echo "measured throughput: $model, $workers worker(s)" >&2
     done
   done
