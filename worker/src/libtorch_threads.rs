@@ -2,9 +2,9 @@
 //!
 //! libtorch's CPU operations run on OpenMP (GNU libgomp in PyTorch's wheel), and every thread
 //! that runs a parallel operation gets a pool of its own, sized on that thread's first parallel
-//! call from the process-wide default (every core). libgomp lets a pool's idle threads
-//! busy-wait for the next parallel region only while all the threads it manages in the process
-//! are no more than the cores; beyond that it spins briefly and sleeps, so each of the hundreds
+//! call from the process-wide default (every core). An idle pool thread busy-waits for the
+//! next parallel region for 300,000 spins, but for only 100 once libgomp runs more threads than
+//! there are cores (libgomp's manual, GOMP_SPINCOUNT), and then sleeps, so each of the hundreds
 //! of small operations of a step first wakes its threads. A worker whose compute thread built a
 //! pool of its own while loading a shard (2 more threads on 2 cores) ran every replica
 //! operation 25-35% slower for it (docs/BENCHMARKS.md, "libtorch's thread pools").
