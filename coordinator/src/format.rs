@@ -38,6 +38,7 @@ mod tests {
     fn thousands_are_grouped() {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
         assert_eq!(thousands(60_000), "60,000");
         assert_eq!(thousands(1_234_567), "1,234,567");
     }
@@ -45,9 +46,13 @@ mod tests {
     #[test]
     fn durations_read_from_days_to_seconds() {
         assert_eq!(duration(5.4), "5s");
+        assert_eq!(duration(12.4), "12s");
         assert_eq!(duration(65.0), "1m 05s");
+        assert_eq!(duration(249.0), "4m 09s");
         assert_eq!(duration(3723.0), "1h 02m");
+        assert_eq!(duration(3.0 * 3600.0 + 5.0 * 60.0), "3h 05m");
         assert_eq!(duration(2.0 * 86_400.0 + 3.0 * 3600.0), "2d 3h");
+        assert_eq!(duration(2.0 * 86_400.0 + 3.0 * 3600.0 + 59.0), "2d 3h");
         assert_eq!(duration(-3.0), "unknown");
         assert_eq!(duration(f64::NAN), "unknown");
     }

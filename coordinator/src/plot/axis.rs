@@ -73,17 +73,12 @@ pub(super) fn step_range(first: u64, last: u64) -> Range<f64> {
     }
 }
 
-/// A step count with thousands grouped: 60,000.
-pub(super) fn format_step(step: u64) -> String {
-    crate::format::thousands(step)
-}
-
 /// A tick label for a step axis; ticks are whole numbers (see [`ticks`]).
 pub(super) fn format_step_tick(value: f64) -> String {
     if value < 0.0 {
         return String::new();
     }
-    format_step(value.round() as u64)
+    crate::format::thousands(value.round() as u64)
 }
 
 /// A tick label with the decimals its axis needs; "-0.0" is shown as "0.0".
@@ -162,11 +157,7 @@ mod tests {
 
     #[test]
     fn labels_read_well() {
-        assert_eq!(format_step(0), "0");
-        assert_eq!(format_step(999), "999");
-        assert_eq!(format_step(1000), "1,000");
-        assert_eq!(format_step(60_000), "60,000");
-        assert_eq!(format_step(1_234_567), "1,234,567");
+        assert_eq!(format_step_tick(60_000.0), "60,000");
         assert_eq!(format_step_tick(-1.0), "");
         assert_eq!(format_value(0.30000000000000004, 1), "0.3");
         assert_eq!(format_value(-0.00001, 2), "0.00");

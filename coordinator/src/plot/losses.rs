@@ -104,7 +104,7 @@ pub(super) fn draw(area: &Area<'_>, losses: &[LossPoint], x: &Range<f64>) -> Res
             match s.skipped {
                 0 => {}
                 1 => label += ", sat out 1 step",
-                n => label += &format!(", sat out {} steps", axis::format_step(n as u64)),
+                n => label += &format!(", sat out {} steps", crate::format::thousands(n as u64)),
             }
             chart::KeyItem {
                 swatch: chart::Swatch::Line(s.color),

@@ -141,8 +141,12 @@ fn draw_header(area: &Area<'_>, title: &str, steps: Option<&(u64, u64)>) -> Resu
         true,
     )?;
     let note = match steps {
-        Some((first, last)) if first == last => format!("step {}", axis::format_step(*last)),
-        Some((first, last)) => format!("steps {} to {}", axis::format_step(*first), axis::format_step(*last)),
+        Some((first, last)) if first == last => format!("step {}", crate::format::thousands(*last)),
+        Some((first, last)) => format!(
+            "steps {} to {}",
+            crate::format::thousands(*first),
+            crate::format::thousands(*last)
+        ),
         None => "no steps yet".to_string(),
     };
     let x = (width - chart::MARGIN_RIGHT) as i32;

@@ -57,7 +57,7 @@ pub(super) fn draw(area: &Area<'_>, scores: &[ScorePoint], x: &Range<f64>, no_sc
             label: format!(
                 "best {} at step {}",
                 axis::format_significant(best.1),
-                axis::format_step(best.0 as u64)
+                crate::format::thousands(best.0 as u64)
             ),
         });
     }

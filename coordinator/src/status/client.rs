@@ -332,16 +332,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_client_formats_numbers_durations_and_shards() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(60_000), "60,000");
-        assert_eq!(thousands(1_234_567), "1,234,567");
-        assert_eq!(duration(12.4), "12s");
-        assert_eq!(duration(249.0), "4m 09s");
-        assert_eq!(duration(3.0 * 3600.0 + 5.0 * 60.0), "3h 05m");
-        assert_eq!(duration(2.0 * 86_400.0 + 3.0 * 3600.0 + 59.0), "2d 3h");
-        assert_eq!(duration(f64::NAN), "unknown");
+    fn status_client_formats_shards_and_bars() {
+        // Counts and durations are `crate::format`'s, tested there.
         assert_eq!(ranges(&[5, 0, 2, 1]), "0-2,5");
         assert_eq!(ranges(&[7]), "7");
         assert_eq!(ranges(&[]), "-");
